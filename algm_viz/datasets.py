@@ -1,0 +1,156 @@
+"""Segmentation data sets on disk: image folder + label-map folder, with a class list.
+
+Labels are returned with the data set's ignore pixels set to :data:`IGNORE_INDEX` and classes numbered
+``0..num_classes-1``. Layouts: a generic folder pair, CamVid (SegNet split: 11 classes, 11 = ignore),
+and ADE20K (``ADEChallengeData2016``: 0 = ignore, 1..150 -> 0..149).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = ["IGNORE_INDEX", "SegmentationFolder", "camvid", "ade20k", "folder", "open_dataset", "read_image", "read_label"]
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist")
+CAMVID_COLORS = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """``[H, W]`` integer label map as stored."""
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise ValueError(f"cannot read label map {path}")
+    return label if label.ndim == 2 else label[..., 0]
+
+
+def _distinct_colors(n: int) -> tuple[tuple[int, int, int], ...]:
+    hues = (np.arange(n) * 180 / max(n, 1)).astype(np.uint8)
+    hsv = np.stack([hues, np.full(n, 200, np.uint8), np.full(n, 230, np.uint8)], axis=-1)[None]
+    return tuple(tuple(int(c) for c in rgb) for rgb in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0])
+
+
+@dataclass
+class SegmentationFolder:
+    """Pairs of ``images/<stem>.*`` and ``labels/<stem>.png``.
+
+    ``label_map`` turns a stored label map into ``0..num_classes-1`` with ignore = :data:`IGNORE_INDEX`.
+    """
+
+    images: Path
+    labels: Path | None
+    class_names: Sequence[str]
+    label_map: Callable[[np.ndarray], np.ndarray]
+    colors: Sequence[tuple[int, int, int]] = field(default=())
+    name: str = "folder"
+
+    def __post_init__(self) -> None:
+        self.images = Path(self.images)
+        if not self.images.is_dir():
+            raise FileNotFoundError(f"image folder {self.images} does not exist")
+        self.files = sorted(p for p in self.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"no images in {self.images}")
+        if self.labels is not None:
+            self.labels = Path(self.labels)
+            missing = [p.name for p in self.files if not (self.labels / f"{p.stem}.png").is_file()]
+            if missing:
+                raise FileNotFoundError(f"{len(missing)} images have no label map in {self.labels}, e.g. {missing[0]}")
+        if not self.colors:
+            self.colors = _distinct_colors(len(self.class_names))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``([H, W, 3]`` uint8 image, ``[H, W]`` uint8 label or None``)``."""
+        path = self.files[index]
+        image = read_image(path)
+        if self.labels is None:
+            return image, None
+        return image, self.label_map(read_label(self.labels / f"{path.stem}.png"))
+
+
+def _camvid_labels(label: np.ndarray) -> np.ndarray:
+    out = label.astype(np.uint8, copy=True)
+    out[label >= len(CAMVID_CLASSES)] = IGNORE_INDEX
+    return out
+
+
+def _ade20k_labels(label: np.ndarray) -> np.ndarray:
+    out = label.astype(np.int32) - 1
+    out[(label == 0) | (label > 150)] = IGNORE_INDEX
+    return out.astype(np.uint8)
+
+
+def camvid(root: str | Path, split: str = "val") -> SegmentationFolder:
+    """CamVid, SegNet layout: ``<split>/`` and ``<split>annot/``."""
+    root = Path(root)
+    return SegmentationFolder(root / split, root / f"{split}annot", CAMVID_CLASSES, _camvid_labels, CAMVID_COLORS, "camvid")
+
+
+def _ade20k_class_names(root: Path) -> tuple[str, ...]:
+    info = root / "objectInfo150.txt"
+    if info.is_file():
+        rows = [line.split("\t") for line in info.read_text().splitlines()[1:] if line.strip()]
+        return tuple(row[-1].split(";")[0].strip() for row in rows)
+    return tuple(f"class {i}" for i in range(1, 151))
+
+
+def ade20k(root: str | Path, split: str = "validation") -> SegmentationFolder:
+    """ADE20K challenge layout: ``images/<split>/`` + ``annotations/<split>/`` (or flat ``images/`` +
+    ``annotations/``, as in ``ade20k_samples``)."""
+    root = Path(root)
+    images, labels = root / "images" / split, root / "annotations" / split
+    if not images.is_dir():
+        images, labels = root / "images", root / "annotations"
+    return SegmentationFolder(images, labels, _ade20k_class_names(root), _ade20k_labels, name="ade20k")
+
+
+def folder(images: str | Path, labels: str | Path | None, class_names: Sequence[str], ignore_index: int = IGNORE_INDEX) -> SegmentationFolder:
+    """Generic layout: labels already ``0..K-1``; ``ignore_index`` (and anything >= K) is ignored."""
+    k = len(class_names)
+
+    def label_map(label: np.ndarray) -> np.ndarray:
+        out = label.astype(np.int64)
+        out[(out == ignore_index) | (out >= k) | (out < 0)] = IGNORE_INDEX
+        return out.astype(np.uint8)
+
+    return SegmentationFolder(Path(images), Path(labels) if labels else None, tuple(class_names), label_map)
+
+
+def open_dataset(kind: str, root: str | Path, split: str | None = None, class_names: Sequence[str] | None = None) -> SegmentationFolder:
+    """``kind`` in ``camvid | ade20k | folder`` (``folder``: ``root/images`` + ``root/labels`` + ``class_names``)."""
+    if kind == "camvid":
+        return camvid(root, split or "val")
+    if kind == "ade20k":
+        return ade20k(root, split or "validation")
+    if kind == "folder":
+        if not class_names:
+            raise ValueError("a folder data set needs its class names")
+        root = Path(root)
+        labels = root / "labels"
+        return folder(root / "images", labels if labels.is_dir() else None, class_names)
+    raise ValueError(f"unknown data set kind {kind!r}: use camvid, ade20k or folder")

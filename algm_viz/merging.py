@@ -1,0 +1,256 @@
+"""ALGM's token-merging primitives as pure tensor functions.
+
+Shapes: ``B`` images, ``N`` input tokens, ``N'`` (padded) output tokens, ``C`` channels.
+
+* :func:`local_merge` is CLAP (Conditional Local Average Pooling): the tokens of a k×k window on the
+  patch grid become one token when their mean pairwise cosine similarity exceeds τ.
+* :func:`global_merge` is GBM (Global Bipartite Matching): A = even, B = odd positions; each A token
+  keeps its best edge to B, and edges above τ are merged into their B token.
+
+Both return a :class:`Merge`, which maps every input token to an output slot (``groups``) and merges
+or unmerges any tensor laid out like the input with one scatter or one gather: bookkeeping is
+O(N) per image, never O(N²). Merging is adaptive per image: every image merges exactly what it would
+merge alone, and images with fewer output tokens are padded at the end (``Merge.mask``). The paper
+code's batch-minimum behaviour (every image merges as many tokens as the image that merges fewest) is
+available with ``batch_min=True``.
+
+Output order: each output token sits at the position of its representative input token (the window's
+top-left token for CLAP, the B token for GBM), so outputs keep the raster order of the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Merge", "local_merge", "global_merge", "window_similarity", "window_index"]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A many-to-one assignment of input tokens to output tokens, per image.
+
+    Attributes:
+        groups: ``[B, N]`` long, the output slot of each input token. Padding input tokens (where
+            ``input_mask`` is False) point at slot ``num_out``, which merging discards.
+        counts: ``[B]`` long, real output tokens per image; slots ``>= counts[b]`` are padding.
+        num_out: ``N'`` = ``max(counts)``, the padded output length.
+        input_mask: ``[B, N]`` bool, True for real input tokens, or None when all are real.
+    """
+
+    groups: Tensor
+    counts: Tensor
+    num_out: int
+    input_mask: Tensor | None = None
+
+    @property
+    def num_in(self) -> int:
+        return self.groups.shape[1]
+
+    @property
+    def mask(self) -> Tensor | None:
+        """``[B, N']`` bool, True for real output tokens; None when no image is padded."""
+        if bool((self.counts == self.num_out).all()):
+            return None
+        return torch.arange(self.num_out, device=self.counts.device) < self.counts[:, None]
+
+    def merge(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Size-weighted mean of the tokens in each group.
+
+        Args:
+            x: ``[B, N, C]`` tokens.
+            size: ``[B, N, 1]`` patches represented by each token (default 1).
+        Returns:
+            ``([B, N', C]`` means, ``[B, N', 1]`` summed sizes``)``; padding slots are 0 with size 0.
+            Sums are accumulated in fp32 for half-precision inputs.
+        """
+        batch, _, channels = x.shape
+        acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        weight = torch.ones_like(x[..., :1], dtype=acc_dtype) if size is None else size.to(acc_dtype)
+        if self.input_mask is not None:
+            weight = weight * self.input_mask[..., None]
+        index = self.groups[..., None]
+        sums = x.new_zeros(batch, self.num_out + 1, channels, dtype=acc_dtype)
+        sums.scatter_add_(1, index.expand(-1, -1, channels), x.to(acc_dtype) * weight)
+        sizes = x.new_zeros(batch, self.num_out + 1, 1, dtype=acc_dtype).scatter_add_(1, index, weight)
+        sums, sizes = sums[:, : self.num_out], sizes[:, : self.num_out]
+        means = sums / sizes.clamp_min(torch.finfo(acc_dtype).tiny)
+        out_size_dtype = size.dtype if size is not None else x.dtype
+        return means.to(x.dtype), sizes.to(out_size_dtype)
+
+    def unmerge(self, x: Tensor) -> Tensor:
+        """``[B, N', C]`` -> ``[B, N, C]``: every input token takes its group's value (one gather)."""
+        index = self.groups if self.input_mask is None else self.groups.clamp_max(self.num_out - 1)
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def then(self, later: "Merge") -> "Merge":
+        """The composition ``later ∘ self``: input tokens of ``self`` to output slots of ``later``."""
+        if later.num_in != self.num_out:
+            raise ValueError(f"cannot compose: {self.num_out} outputs feed a merge of {later.num_in} inputs")
+        groups = later.groups.gather(1, self.groups.clamp_max(self.num_out - 1))
+        if self.input_mask is not None:
+            groups = groups.masked_fill(~self.input_mask, later.num_out)
+        return Merge(groups, later.counts, later.num_out, self.input_mask)
+
+    @staticmethod
+    def identity(batch: int, num_tokens: int, device: torch.device | str | None = None) -> "Merge":
+        """The merge that keeps every one of ``num_tokens`` tokens."""
+        groups = torch.arange(num_tokens, device=device).expand(batch, num_tokens).contiguous()
+        counts = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
+        return Merge(groups, counts, num_tokens)
+
+
+def _merge_from_targets(targets: Tensor, input_mask: Tensor | None) -> Merge:
+    """Build a :class:`Merge` from ``targets`` ``[B, N]``: the representative input token of each
+    token's group (a representative is its own target)."""
+    positions = torch.arange(targets.shape[1], device=targets.device)
+    is_rep = targets == positions
+    if input_mask is not None:
+        is_rep &= input_mask
+    rank = is_rep.cumsum(1) - 1
+    counts = is_rep.sum(1)
+    num_out = int(counts.max()) if counts.numel() else 0
+    groups = rank.gather(1, targets)
+    if input_mask is not None:
+        groups = groups.masked_fill(~input_mask, num_out)
+    return Merge(groups, counts, num_out, input_mask)
+
+
+def _check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN; use a number (τ >= 1 merges nothing, τ < -1 merges all)")
+    return threshold
+
+
+def _keep_batch_min(eligible: Tensor, score: Tensor) -> Tensor:
+    """Keep, per image, the ``r`` best-scoring eligible candidates, ``r`` = fewest eligible in the batch.
+
+    eligible, score: ``[B, M]``. Returns ``[B, M]`` bool.
+    """
+    r = int(eligible.sum(1).min())
+    if r == eligible.shape[1]:
+        return eligible
+    keep = torch.zeros_like(eligible)
+    if r > 0:
+        best = score.masked_fill(~eligible, float("-inf")).topk(r, dim=1).indices
+        keep.scatter_(1, best, True)
+    return keep
+
+
+def window_index(grid: tuple[int, int], window: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
+    """``[S, K]`` raster indices of the tokens in each full ``window`` on a row-major ``grid``.
+
+    Windows are tiled from the top-left; partial windows at the right/bottom edge are left out.
+    ``S = (H // kh) * (W // kw)``, ``K = kh * kw``; the first column is each window's top-left token.
+    """
+    (height, width), (kh, kw) = grid, window
+    rows = torch.arange((height // kh) * kh, device=device).view(-1, kh)  # [H//kh, kh]
+    cols = torch.arange((width // kw) * kw, device=device).view(-1, kw)  # [W//kw, kw]
+    index = rows[:, None, :, None] * width + cols[None, :, None, :]  # [H//kh, W//kw, kh, kw]
+    return index.reshape(-1, kh * kw)
+
+
+def window_similarity(tokens: Tensor, index: Tensor) -> Tensor:
+    """Mean pairwise cosine similarity (self-pairs excluded) of the tokens in each window.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        index: ``[S, K]`` token indices per window, ``K >= 2``.
+    Returns:
+        ``[B, S]`` fp32. Uses ``sum_{i != j} u_i·u_j = |sum_i u_i|² - sum_i |u_i|²`` for unit ``u``:
+        O(K·C) per window.
+    """
+    k = index.shape[1]
+    unit = F.normalize(tokens[:, index].float(), dim=-1)  # [B, S, K, C]
+    total = unit.sum(2).pow(2).sum(-1)
+    self_pairs = unit.pow(2).sum((2, 3))
+    return (total - self_pairs) / (k * (k - 1))
+
+
+def local_merge(
+    tokens: Tensor,
+    grid: tuple[int, int],
+    window: tuple[int, int] | int,
+    threshold: float,
+    *,
+    batch_min: bool = False,
+) -> Merge:
+    """CLAP: merge each full window whose mean pairwise cosine similarity is greater than ``threshold``.
+
+    Args:
+        tokens: ``[B, N, C]`` patch tokens, row-major on ``grid = (H, W)``, ``N = H * W``.
+        window: ``(kh, kw)`` (or one int for a square window).
+        threshold: τ; τ >= 1 merges nothing, τ < -1 merges every full window.
+        batch_min: merge, per image, only as many windows (its most similar ones) as the image of the
+            batch that merges fewest (the paper code's behaviour; no padding).
+    """
+    threshold = _check_threshold(threshold)
+    kh, kw = (window, window) if isinstance(window, int) else tuple(window)
+    if kh <= 0 or kw <= 0:
+        raise ValueError(f"window must be positive, got {(kh, kw)}")
+    height, width = grid
+    batch, num_tokens, _ = tokens.shape
+    if height <= 0 or width <= 0 or height * width != num_tokens:
+        raise ValueError(f"grid {tuple(grid)} does not match {num_tokens} tokens")
+    positions = torch.arange(num_tokens, device=tokens.device)
+    targets = positions.expand(batch, num_tokens).contiguous()
+    index = window_index((height, width), (kh, kw), tokens.device)
+    if index.numel() == 0 or kh * kw == 1:
+        return _merge_from_targets(targets, None)
+    similarity = window_similarity(tokens, index)  # [B, S]
+    merged = similarity > threshold
+    if batch_min:
+        merged = _keep_batch_min(merged, similarity)
+    window_targets = torch.where(merged[..., None], index[:, :1], index)  # [B, S, K]
+    targets.scatter_(1, index.flatten().expand(batch, -1), window_targets.flatten(1))
+    return _merge_from_targets(targets, None)
+
+
+def global_merge(
+    tokens: Tensor,
+    threshold: float,
+    size: Tensor | None = None,
+    *,
+    batch_min: bool = False,
+) -> Merge:
+    """GBM: bipartite matching with a similarity threshold instead of a fixed count.
+
+    A = even positions, B = odd positions of ``tokens``. Each A token keeps only its edge to its most
+    similar B token (cosine similarity); edges greater than ``threshold`` merge the A token into that
+    B token. B tokens are never sources, so groups are one B token plus the A tokens matched to it.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        threshold: τ; τ >= 1 merges nothing, τ < -1 merges every real A token.
+        size: ``[B, N, 1]`` token sizes from an earlier merge; size-0 tokens are padding and take no
+            part in matching (they are neither merged nor merge targets).
+        batch_min: every image merges only as many A tokens (its best edges) as the image of the
+            batch that merges fewest.
+    """
+    threshold = _check_threshold(threshold)
+    batch, num_tokens, _ = tokens.shape
+    valid = None if size is None else size[..., 0] > 0
+    if valid is not None and bool(valid.all()):
+        valid = None
+    positions = torch.arange(num_tokens, device=tokens.device)
+    targets = positions.expand(batch, num_tokens).contiguous()
+    if num_tokens < 2:
+        return _merge_from_targets(targets, valid)
+    unit = F.normalize(tokens.float(), dim=-1)
+    scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+    if valid is not None:
+        scores.masked_fill_(~valid[:, None, 1::2], float("-inf"))
+    best_score, best_b = scores.max(-1)  # [B, Na]
+    merged = best_score > threshold
+    if valid is not None:
+        merged &= valid[:, ::2]
+    if batch_min:
+        merged = _keep_batch_min(merged, best_score)
+    a_positions = positions[::2]
+    targets[:, ::2] = torch.where(merged, 2 * best_b + 1, a_positions)
+    return _merge_from_targets(targets, valid)

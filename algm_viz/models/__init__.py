@@ -1,0 +1,16 @@
+"""Segmentation models that ALGM runs on."""
+
+from .checkpoint import KNOWN_MODELS, CheckpointError, fetch_checkpoint, load_segmenter, save_segmenter
+from .segmenter import LinearDecoder, MaskTransformer, Segmenter, create_segmenter
+
+__all__ = [
+    "KNOWN_MODELS",
+    "CheckpointError",
+    "LinearDecoder",
+    "MaskTransformer",
+    "Segmenter",
+    "create_segmenter",
+    "fetch_checkpoint",
+    "load_segmenter",
+    "save_segmenter",
+]

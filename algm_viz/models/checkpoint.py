@@ -1,0 +1,150 @@
+"""Read and write Segmenter checkpoints in the official format, with a download cache.
+
+The official format is a folder with ``checkpoint.pth`` (a dict whose ``"model"`` entry is the state
+dict) and ``variant.yml`` (whose ``net_kwargs`` describe the network). Checkpoints are read with
+``torch.load(..., weights_only=True)``: nothing in them is executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import yaml
+
+from .segmenter import Segmenter, create_segmenter
+
+__all__ = ["KNOWN_MODELS", "load_segmenter", "save_segmenter", "fetch_checkpoint", "cache_dir", "CheckpointError"]
+
+_OFFICIAL_ROOT = "https://www.rocq.inria.fr/cluster-willow/rstrudel/segmenter/checkpoints"
+
+#: The official Segmenter ADE20K checkpoints (150 classes); mIoU and GFLOPs as the ALGM paper's Table 1.
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "seg_tiny_mask": {"url": f"{_OFFICIAL_ROOT}/seg_tiny_mask", "dataset": "ade20k", "backbone": "ViT-Ti/16", "miou": 38.1, "gflops": 12.8},
+    "seg_small_mask": {"url": f"{_OFFICIAL_ROOT}/seg_small_mask", "dataset": "ade20k", "backbone": "ViT-S/16", "miou": 45.3, "gflops": 38.6},
+    "seg_base_mask": {"url": f"{_OFFICIAL_ROOT}/seg_base_mask", "dataset": "ade20k", "backbone": "ViT-B/16", "miou": 48.5, "gflops": 130},
+    "seg_large_mask_640": {"url": f"{_OFFICIAL_ROOT}/seg_large_mask_640", "dataset": "ade20k", "backbone": "ViT-L/16", "miou": 51.8, "gflops": 672},
+}
+_FILES = ("checkpoint.pth", "variant.yml")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, or does not fit the network it describes."""
+
+
+def cache_dir() -> Path:
+    """Where downloads go: ``$ALGM_VIZ_CACHE``, else ``~/.cache/algm_viz``."""
+    return Path(os.environ.get("ALGM_VIZ_CACHE", Path.home() / ".cache" / "algm_viz"))
+
+
+def fetch_checkpoint(url: str, progress: bool = True) -> Path:
+    """Download ``checkpoint.pth`` and ``variant.yml`` from the folder ``url`` into the cache (once).
+
+    Returns the local folder. Raises :class:`CheckpointError` with the reason when a file cannot be
+    fetched (e.g. no network).
+    """
+    url = url.rstrip("/")
+    name = Path(urlparse(url).path).name or "checkpoint"
+    folder = cache_dir() / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in _FILES:
+        target = folder / file
+        if target.exists():
+            continue
+        try:
+            torch.hub.download_url_to_file(f"{url}/{file}", str(target), progress=progress)
+        except Exception as error:  # urllib raises many kinds; all mean "could not fetch"
+            raise CheckpointError(f"could not download {url}/{file}: {error}") from error
+    return folder
+
+
+def _resolve(path_or_url: str | os.PathLike) -> Path:
+    text = str(path_or_url)
+    if text in KNOWN_MODELS:
+        return fetch_checkpoint(KNOWN_MODELS[text]["url"])
+    if urlparse(text).scheme in ("http", "https", "file"):
+        return fetch_checkpoint(text)
+    path = Path(text).expanduser()
+    folder = path.parent if path.is_file() else path
+    missing = [f for f in _FILES if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} is not a Segmenter checkpoint folder: missing {', '.join(missing)}")
+    return folder
+
+
+def _read_variant(folder: Path) -> dict[str, Any]:
+    try:
+        variant = yaml.safe_load((folder / "variant.yml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"variant.yml is not valid YAML: {error}") from error
+    if not isinstance(variant, dict) or not isinstance(variant.get("net_kwargs"), dict):
+        raise CheckpointError("variant.yml has no net_kwargs mapping")
+    return variant
+
+
+def _build(net: dict[str, Any]) -> Segmenter:
+    decoder = net.get("decoder", {})
+    if net.get("distilled"):
+        raise CheckpointError("distilled (DeiT) Segmenter variants are not supported")
+    try:
+        size = net["image_size"]
+        model = create_segmenter(
+            net["backbone"],
+            decoder=decoder.get("name", "mask_transformer"),
+            num_classes=int(net.get("n_cls", decoder.get("n_cls"))),
+            image_size=tuple(size) if isinstance(size, (list, tuple)) else int(size),
+            normalization=net.get("normalization", "vit"),
+            decoder_layers=int(decoder.get("n_layers", 2)),
+            layer_norm_eps=float(net.get("layer_norm_eps", 1e-5)),
+            patch_size=int(net["patch_size"]),
+            embed_dim=int(net["d_model"]),
+            depth=int(net["n_layers"]),
+            num_heads=int(net["n_heads"]),
+            mlp_ratio=float(net.get("d_ff", 4 * int(net["d_model"]))) / int(net["d_model"]),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"variant.yml does not describe a supported Segmenter: {error}") from error
+    return model
+
+
+def _official_to_local(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official Segmenter names -> this model's (identical except for the unused classifier head)."""
+    return {k: v for k, v in state.items() if not k.startswith("encoder.head.")}
+
+
+def load_segmenter(path_or_url: str | os.PathLike, map_location: str | torch.device = "cpu") -> Segmenter:
+    """Load a Segmenter from a known model name, a URL, or a local folder/``checkpoint.pth``.
+
+    Raises :class:`CheckpointError` with a clear message for anything that is not such a checkpoint.
+    """
+    folder = _resolve(path_or_url)
+    variant = _read_variant(folder)
+    model = _build(variant["net_kwargs"])
+    try:
+        checkpoint = torch.load(folder / "checkpoint.pth", map_location=map_location, weights_only=True)
+    except Exception as error:  # pickle/zip errors come in many types
+        raise CheckpointError(f"checkpoint.pth could not be read safely: {error}") from error
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError("checkpoint.pth holds no state dict")
+    try:
+        model.load_state_dict(_official_to_local(state), strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint.pth does not fit variant.yml: {error}") from error
+    thresholds = variant.get("algm_thresholds")
+    if isinstance(thresholds, dict):
+        model.algm_thresholds = {k: float(v) for k, v in thresholds.items()}
+    return model.eval()
+
+
+def save_segmenter(model: Segmenter, folder: str | os.PathLike, net_kwargs: dict[str, Any], **extra: Any) -> Path:
+    """Write ``model`` in the official format (``net_kwargs`` as ``variant.yml`` describes it)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, folder / "checkpoint.pth")
+    (folder / "variant.yml").write_text(yaml.safe_dump({"net_kwargs": net_kwargs, **extra}, sort_keys=False))
+    return folder

@@ -1,0 +1,184 @@
+"""Segmenter (Strudel et al., ICCV 2021): a timm plain-ViT encoder and a linear or mask-transformer decoder.
+
+Parameter names follow the official Segmenter code, so its checkpoints load without renaming
+(see :mod:`algm_viz.models.checkpoint`). With ALGM applied, unmerging happens where the paper puts it:
+before a linear decoder, after the mask transformer (which runs on the merged tokens).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _compat  # noqa: F401  (before timm)
+import timm
+from timm.models.vision_transformer import Block
+
+from ..patch import algm_state
+
+__all__ = ["Segmenter", "MaskTransformer", "LinearDecoder", "create_segmenter", "NORMALIZATION"]
+
+NORMALIZATION = {
+    "vit": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    "deit": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+
+
+class LinearDecoder(nn.Module):
+    """Per-patch linear classifier. Runs on unmerged tokens."""
+
+    unmerge_before = True
+
+    def __init__(self, num_classes: int, d_encoder: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(d_encoder, num_classes)
+
+    def forward(self, tokens: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:
+        """``[B, T, C]`` -> ``[B, T, num_classes]``."""
+        return self.head(tokens)
+
+
+class MaskTransformer(nn.Module):
+    """Segmenter's mask transformer: class embeddings attend jointly with the patch tokens, and the
+    masks are scalar products of normalised patch and class embeddings. Runs on merged tokens."""
+
+    unmerge_before = False
+
+    def __init__(
+        self,
+        num_classes: int,
+        d_encoder: int,
+        n_layers: int = 2,
+        n_heads: Optional[int] = None,
+        d_model: Optional[int] = None,
+        d_ff: Optional[int] = None,
+        drop_path_rate: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        d_model = d_model or d_encoder
+        n_heads = n_heads or max(1, d_model // 64)
+        d_ff = d_ff or 4 * d_model
+        self.num_classes = num_classes
+        self.scale = d_model**-0.5
+        self.proj_dec = nn.Linear(d_encoder, d_model)
+        rates = torch.linspace(0, drop_path_rate, n_layers).tolist()
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, mlp_ratio=d_ff / d_model, qkv_bias=True, proj_drop=dropout,
+                  drop_path=rate, norm_layer=nn.LayerNorm)
+            for rate in rates
+        )
+        self.cls_emb = nn.Parameter(torch.randn(1, num_classes, d_model) * 0.02)
+        self.proj_patch = nn.Parameter(self.scale * torch.randn(d_model, d_model))
+        self.proj_classes = nn.Parameter(self.scale * torch.randn(d_model, d_model))
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.mask_norm = nn.LayerNorm(num_classes)
+
+    def forward(self, tokens: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:
+        """``[B, T, C]`` tokens (``key_bias`` ``[B, 1, 1, T]`` for merged/padded ones) -> ``[B, T, K]``."""
+        x = self.proj_dec(tokens)
+        x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
+        if key_bias is not None:
+            key_bias = F.pad(key_bias, (0, self.num_classes))
+        for block in self.blocks:
+            x = block(x, attn_mask=key_bias)
+        x = self.decoder_norm(x)
+        patches = F.normalize(x[:, : -self.num_classes] @ self.proj_patch, dim=-1)
+        classes = F.normalize(x[:, -self.num_classes :] @ self.proj_classes, dim=-1)
+        return self.mask_norm(patches @ classes.transpose(1, 2))
+
+
+class Segmenter(nn.Module):
+    """``model(images)``: ``[B, 3, H, W]`` normalised images -> ``[B, num_classes, H, W]`` logits.
+
+    Images of any size are zero-padded to a multiple of the patch size and the logits cropped back.
+    """
+
+    unmerge_in_encoder = False  # ALGM: this model unmerges itself, around its decoder
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int, normalization: str = "vit") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.num_classes = num_classes
+        self.patch_size = int(encoder.patch_embed.patch_size[0])
+        self.normalization = normalization
+        self.algm_thresholds: dict[str, float] | None = None
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        stats = NORMALIZATION[self.normalization]
+        return stats["mean"], stats["std"]
+
+    def forward(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        p = self.patch_size
+        padded = F.pad(images, (0, -width % p, 0, -height % p))
+        grid = (padded.shape[-2] // p, padded.shape[-1] // p)
+        tokens = self.encoder.forward_features(padded)[:, self.encoder.num_prefix_tokens :]
+        state = algm_state(self.encoder)
+        final = state.record.final if state is not None and state.record is not None else None
+        key_bias = None
+        if final is not None and self.decoder.unmerge_before:
+            tokens, final = final.unmerge(tokens), None
+        elif final is not None:
+            key_bias = state.attn_bias[..., self.encoder.num_prefix_tokens :] if state.attn_bias is not None else None
+        scores = self.decoder(tokens, key_bias)  # [B, T, K]
+        if final is not None:
+            with torch.profiler.record_function("algm.unmerge"):
+                scores = final.unmerge(scores)
+        masks = scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid)
+        masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        return masks[..., :height, :width]
+
+
+def create_segmenter(
+    backbone: str = "vit_tiny_patch16_384",
+    decoder: str = "mask_transformer",
+    num_classes: int = 150,
+    *,
+    image_size: int | tuple[int, int] = 512,
+    normalization: str = "vit",
+    decoder_layers: int = 2,
+    drop_path_rate: float = 0.0,
+    dropout: float = 0.0,
+    layer_norm_eps: Optional[float] = None,
+    pretrained: bool = False,
+    **encoder_kwargs,
+) -> Segmenter:
+    """Build a Segmenter on the timm plain ViT ``backbone``.
+
+    Args:
+        decoder: ``"linear"`` or ``"mask_transformer"``.
+        image_size: the size the position embedding is laid out for; other sizes are interpolated.
+        normalization: ``"vit"`` (mean = std = 0.5) or ``"deit"`` (ImageNet statistics).
+        layer_norm_eps: LayerNorm epsilon of the encoder (the official Segmenter uses 1e-5; timm 1e-6).
+        encoder_kwargs: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``, ``num_heads``).
+    """
+    if normalization not in NORMALIZATION:
+        raise ValueError(f"normalization must be one of {sorted(NORMALIZATION)}, got {normalization!r}")
+    if layer_norm_eps is not None:
+        encoder_kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
+    encoder = timm.create_model(
+        backbone,
+        pretrained=pretrained,
+        num_classes=0,
+        img_size=image_size,
+        dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+        **encoder_kwargs,
+    )
+    if getattr(encoder, "num_prefix_tokens", None) is None or not hasattr(encoder, "blocks"):
+        raise ValueError(f"{backbone} is not a plain ViT")
+    d_encoder = encoder.embed_dim
+    if decoder == "linear":
+        head: nn.Module = LinearDecoder(num_classes, d_encoder)
+    elif decoder == "mask_transformer":
+        head = MaskTransformer(num_classes, d_encoder, n_layers=decoder_layers, dropout=dropout)
+    else:
+        raise ValueError(f"decoder must be 'linear' or 'mask_transformer', got {decoder!r}")
+    return Segmenter(encoder, head, num_classes, normalization)

@@ -73,9 +73,12 @@ class Merge:
         weight = torch.ones_like(x[..., :1], dtype=acc_dtype) if size is None else size.to(acc_dtype)
         if self.input_mask is not None:
             weight = weight * self.input_mask[..., None]
+        weighted = x.to(acc_dtype)
+        if size is not None or self.input_mask is not None:
+            weighted = weighted * weight
         index = self.groups[..., None]
         sums = x.new_zeros(batch, self.num_out + 1, channels, dtype=acc_dtype)
-        sums.scatter_add_(1, index.expand(-1, -1, channels), x.to(acc_dtype) * weight)
+        sums.scatter_add_(1, index.expand(-1, -1, channels), weighted)
         sizes = x.new_zeros(batch, self.num_out + 1, 1, dtype=acc_dtype).scatter_add_(1, index, weight)
         sums, sizes = sums[:, : self.num_out], sizes[:, : self.num_out]
         means = sums / sizes.clamp_min(torch.finfo(acc_dtype).tiny)
@@ -162,14 +165,14 @@ def window_similarity(tokens: Tensor, index: Tensor) -> Tensor:
         tokens: ``[B, N, C]``.
         index: ``[S, K]`` token indices per window, ``K >= 2``.
     Returns:
-        ``[B, S]`` fp32. Uses ``sum_{i != j} u_i·u_j = |sum_i u_i|² - sum_i |u_i|²`` for unit ``u``:
+        ``[B, S]`` fp32, clamped to [-1, 1] (so τ >= 1 never merges). Uses ``sum_{i != j} u_i·u_j = |sum_i u_i|² - sum_i |u_i|²`` for unit ``u``:
         O(K·C) per window.
     """
     k = index.shape[1]
     unit = F.normalize(tokens[:, index].float(), dim=-1)  # [B, S, K, C]
     total = unit.sum(2).pow(2).sum(-1)
     self_pairs = unit.pow(2).sum((2, 3))
-    return (total - self_pairs) / (k * (k - 1))
+    return ((total - self_pairs) / (k * (k - 1))).clamp_(-1.0, 1.0)
 
 
 def local_merge(
@@ -242,7 +245,7 @@ def global_merge(
     if num_tokens < 2:
         return _merge_from_targets(targets, valid)
     unit = F.normalize(tokens.float(), dim=-1)
-    scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+    scores = (unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).clamp_(-1.0, 1.0)  # [B, Na, Nb]
     if valid is not None:
         scores.masked_fill_(~valid[:, None, 1::2], float("-inf"))
     best_score, best_b = scores.max(-1)  # [B, Na]

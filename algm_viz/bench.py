@@ -1,0 +1,185 @@
+"""``algm-viz bench``: time a Segmenter with and without ALGM, side by side in one run; prints JSON.
+
+For the baseline and for ALGM at each τ: wall time per image (median and quartiles of repeated,
+synchronised calls after warm-up), images/s, GFLOPs (attention counted), tokens after each stage,
+and the time spent in the engine itself (similarities, index building, merge, unmerge), measured
+with ``torch.profiler`` over the ``algm.*`` ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import apply_algm, algm_state, remove_algm
+from .flops import count_gflops
+from .timing import time_call
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def synthetic_scenes(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """``[B, 3, H, W]`` piecewise-smooth images in [-1, 1], image ``i`` coarser than image ``i + 1``,
+    so that images of one batch merge different numbers of tokens."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(batch):
+        cells = 3 + 3 * (i % 6)
+        coarse = torch.rand(1, 3, cells, cells * 4 // 3, generator=g) * 2 - 1
+        image = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+        images.append(image + 0.02 * torch.randn(1, 3, height, width, generator=g))
+    return torch.cat(images).clamp(-1, 1)
+
+
+def image_batch(path: str, batch: int, height: int, width: int, mean_std: tuple) -> torch.Tensor:
+    from .datasets import read_image
+    from .preprocess import normalize
+
+    image = read_image(path)
+    import cv2
+
+    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    return normalize(image, *mean_std).expand(batch, -1, -1, -1).contiguous()
+
+
+def engine_ms(model: nn.Module, images: torch.Tensor) -> float:
+    """Milliseconds spent inside the ``algm.*`` profiler ranges during one forward."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_cuda = images.device.type == "cuda"
+    if on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        model(images)
+        if on_cuda:
+            torch.cuda.synchronize(images.device)
+    total_us = 0.0
+    for event in profiler.key_averages():
+        if event.key.startswith("algm."):
+            total_us += event.device_time_total if on_cuda else event.cpu_time_total
+    return total_us / 1e3
+
+
+def measure(model: nn.Module, images: torch.Tensor, repeats: int, warmup: int) -> dict[str, Any]:
+    batch = images.shape[0]
+    timing = time_call(lambda: model(images), images.device, repeats=repeats, warmup=warmup)
+    row: dict[str, Any] = timing.as_dict(per=batch)
+    row["images_per_s"] = batch / timing.median
+    row["gflops"] = count_gflops(model, images) / batch
+    state = algm_state(model)
+    if state is not None:
+        counts = state.record.token_counts()
+        row["tokens"] = {name: float(c.float().mean()) for name, c in counts.items()}
+        row["engine_ms"] = engine_ms(model, images) / batch
+        row["engine_fraction"] = row["engine_ms"] / row["ms_median"]
+    else:
+        grid = model.encoder.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        row["tokens"] = {"patches": float(grid[0] * grid[1])}
+    return row
+
+
+def run_benchmark(
+    model: nn.Module,
+    images: torch.Tensor,
+    taus: list[float],
+    *,
+    window: tuple[int, int] = (2, 2),
+    global_layer: int = 5,
+    repeats: int = 10,
+    warmup: int = 3,
+    compare_batch_min: bool = False,
+) -> list[dict[str, Any]]:
+    """Rows for the baseline, then ALGM at each τ (same τ for CLAP and GBM), measured in one run."""
+    remove_algm(model)
+    with torch.inference_mode():
+        baseline = {"method": "baseline", "tau": None, **measure(model, images, repeats, warmup)}
+        rows = [baseline]
+        variants = [("algm", False)] + ([("algm-batch-min", True)] if compare_batch_min else [])
+        for tau in taus:
+            for method, batch_min in variants:
+                apply_algm(model, window=window, global_layer=global_layer, local_threshold=tau, global_threshold=tau, batch_min=batch_min)
+                row = {"method": method, "tau": tau, **measure(model, images, repeats, warmup)}
+                row["speedup"] = baseline["ms_median"] / row["ms_median"]
+                row["gflops_ratio"] = baseline["gflops"] / row["gflops"]
+                row["speedup_over_gflops_ratio"] = row["speedup"] / row["gflops_ratio"]
+                rows.append(row)
+        remove_algm(model)
+    if compare_batch_min:
+        adaptive = {r["tau"]: r for r in rows if r["method"] == "algm"}
+        for row in rows:
+            if row["method"] == "algm-batch-min":
+                row["adaptive_throughput_vs_this"] = adaptive[row["tau"]]["images_per_s"] / row["images_per_s"]
+    return rows
+
+
+def _load_model(args: argparse.Namespace) -> nn.Module:
+    if args.model:
+        from .models.loading import load_model
+
+        return load_model(args.model)
+    from .models import create_segmenter
+
+    torch.manual_seed(0)
+    return create_segmenter(args.backbone, decoder=args.decoder, num_classes=args.num_classes, image_size=args.size[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    dtype = DTYPES[args.dtype]
+    height, width = (args.size * 2)[:2]
+    model = _load_model(args).eval()
+    images = image_batch(args.image, args.batch, height, width, model.mean_std) if args.image else synthetic_scenes(args.batch, height, width)
+    model, images = model.to(device=device, dtype=dtype), images.to(device=device, dtype=dtype)
+    rows = run_benchmark(
+        model, images, args.taus, window=tuple(args.window), global_layer=args.global_layer,
+        repeats=args.repeats, warmup=args.warmup, compare_batch_min=args.compare_batch_min,
+    )
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "model": args.model or f"untrained {args.backbone} + {args.decoder}",
+        "size": [height, width],
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "input": args.image or "synthetic piecewise-smooth scenes",
+        "results": rows,
+    }
+    text = json.dumps(report, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="time baseline vs ALGM forward passes (prints JSON)", description=__doc__)
+    parser.add_argument("--model", help="bundled model name/folder or official checkpoint; default: untrained --backbone")
+    parser.add_argument("--backbone", default="vit_small_patch16_384", help="timm plain ViT for the untrained model")
+    parser.add_argument("--decoder", default="mask_transformer", choices=["mask_transformer", "linear"])
+    parser.add_argument("--num-classes", type=int, default=150)
+    parser.add_argument("--size", type=int, nargs="+", default=[512], help="H [W] of the input (default 512)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95], help="τ values (CLAP and GBM)")
+    parser.add_argument("--window", type=int, nargs=2, default=[2, 2])
+    parser.add_argument("--global-layer", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--image", help="time on this image (resized) instead of synthetic scenes")
+    parser.add_argument("--compare-batch-min", action="store_true", help="also time the paper code's batch-minimum merging")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--out", help="also write the JSON to this file")
+    parser.set_defaults(run=run)

@@ -1,0 +1,31 @@
+"""One entry point for every kind of model the tools accept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import KNOWN_MODELS, load_segmenter
+from .segmenter import Segmenter, create_segmenter
+
+__all__ = ["load_model", "UNTRAINED_PREFIX"]
+
+UNTRAINED_PREFIX = "untrained:"
+
+
+def load_model(spec: str, num_classes: int = 150) -> Segmenter:
+    """``spec`` is one of:
+
+    * a bundled model name or folder (``assets/models/<name>``, with ``config.json``);
+    * an official Segmenter checkpoint: a known name (``seg_tiny_mask``), URL, or local folder;
+    * ``untrained:<timm backbone>``: random weights with ``num_classes`` classes (for trying things out).
+    """
+    if spec.startswith(UNTRAINED_PREFIX):
+        return create_segmenter(spec[len(UNTRAINED_PREFIX):] or "vit_tiny_patch16_384", num_classes=num_classes).eval()
+    if spec in KNOWN_MODELS or "://" in spec:
+        return load_segmenter(spec)
+    from .bundled import bundled_dir, load_bundled
+
+    path = Path(spec)
+    if (path / "config.json").is_file() or (bundled_dir(spec) / "config.json").is_file():
+        return load_bundled(spec)
+    return load_segmenter(path)

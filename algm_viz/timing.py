@@ -1,0 +1,57 @@
+"""Wall-clock timing of model calls: warm-up, CUDA synchronisation, median and spread."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Timing", "time_call", "synchronize"]
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels on ``device`` (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and the 25th/75th percentiles over ``repeats`` timed calls."""
+
+    median: float
+    p25: float
+    p75: float
+    repeats: int
+
+    def as_dict(self, per: int = 1) -> dict[str, float]:
+        """Milliseconds per item when each call handled ``per`` items."""
+        return {
+            "ms_median": 1e3 * self.median / per,
+            "ms_p25": 1e3 * self.p25 / per,
+            "ms_p75": 1e3 * self.p75 / per,
+            "repeats": self.repeats,
+        }
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str, repeats: int = 10, warmup: int = 2) -> Timing:
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls, synchronising ``device`` around each."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    if len(samples) == 1:
+        return Timing(samples[0], samples[0], samples[0], 1)
+    quartiles = statistics.quantiles(samples, n=4, method="inclusive")
+    return Timing(statistics.median(samples), quartiles[0], quartiles[2], repeats)

@@ -1,0 +1,50 @@
+"""FLOP counting, timing helpers and the `algm-viz bench` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from algm_viz.cli import main
+from algm_viz.flops import count_gflops
+from algm_viz.timing import time_call
+
+import timm.layers
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_flops_are_counted_on_cpu(fused):
+    tokens, dim, heads = 50, 32, 4
+    attention = timm.layers.Attention(dim, num_heads=heads, qkv_bias=True).eval()
+    attention.fused_attn = fused
+    macs = tokens * dim * 3 * dim + tokens * dim * dim + 2 * tokens * tokens * dim  # qkv, proj, QK^T and AV
+    assert count_gflops(attention, torch.randn(1, tokens, dim)) * 1e9 == pytest.approx(macs)
+
+
+def test_time_call_reports_ordered_quantiles():
+    calls = []
+    timing = time_call(lambda: calls.append(1), "cpu", repeats=5, warmup=2)
+    assert len(calls) == 7
+    assert timing.p25 <= timing.median <= timing.p75 and timing.repeats == 5
+    with pytest.raises(ValueError):
+        time_call(lambda: None, "cpu", repeats=0)
+
+
+def test_bench_command_prints_side_by_side_rows(capsys):
+    code = main([
+        "bench", "--backbone", "vit_tiny_patch16_384", "--num-classes", "3", "--size", "64", "96",
+        "--batch", "2", "--repeats", "1", "--warmup", "0", "--taus", "0.0", "1.0", "--compare-batch-min",
+    ])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {(r["method"], r["tau"]): r for r in report["results"]}
+    baseline, merged, unmerged = rows[("baseline", None)], rows[("algm", 0.0)], rows[("algm", 1.0)]
+    assert report["size"] == [64, 96] and baseline["tokens"]["patches"] == 24
+    assert merged["tokens"]["global"] < merged["tokens"]["local"] < 24
+    assert merged["gflops"] < baseline["gflops"] < unmerged["gflops"]  # τ = 1 still pays for the similarities
+    assert unmerged["gflops"] == pytest.approx(baseline["gflops"], rel=1e-3)
+    assert merged["gflops_ratio"] == pytest.approx(baseline["gflops"] / merged["gflops"])
+    assert merged["engine_ms"] > 0 and 0 < merged["engine_fraction"] < 1
+    assert ("algm-batch-min", 0.0) in rows and "adaptive_throughput_vs_this" in rows[("algm-batch-min", 0.0)]

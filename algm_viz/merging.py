@@ -1,13 +1,17 @@
-"""ALGM's token-merging primitives as pure tensor functions.
+"""Token-merging primitives as pure tensor functions.
 
 Shapes: ``B`` images, ``N`` input tokens, ``N'`` (padded) output tokens, ``C`` channels.
 
-* :func:`local_merge` is CLAP (Conditional Local Average Pooling): the tokens of a k×k window on the
-  patch grid become one token when their mean pairwise cosine similarity exceeds τ.
-* :func:`global_merge` is GBM (Global Bipartite Matching): A = even, B = odd positions; each A token
-  keeps its best edge to B, and edges above τ are merged into their B token.
+* :func:`local_merge` is ALGM's CLAP (Conditional Local Average Pooling): the tokens of a k×k window
+  on the patch grid become one token when their mean pairwise cosine similarity exceeds τ (τ = -inf:
+  plain k×k pooling, Segformer++'s 2-D neighbour merging).
+* :func:`global_merge` is ALGM's GBM (Global Bipartite Matching): A = even, B = odd positions; each A
+  token keeps its best edge to B, and edges above τ are merged into their B token. It is one case of
+  :func:`bipartite_merge`, which also does ToMe's fixed-``r`` matching and Segformer++'s matching onto
+  a strided grid of destinations (:func:`grid_destinations`).
+* :func:`budget_window_merge` merges the best windows under a fixed budget (CTS-style sharing).
 
-Both return a :class:`Merge`, which maps every input token to an output slot (``groups``) and merges
+All return a :class:`Merge`, which maps every input token to an output slot (``groups``) and merges
 or unmerges any tensor laid out like the input with one scatter or one gather: bookkeeping is
 O(N) per image, never O(N²). Merging is adaptive per image: every image merges exactly what it would
 merge alone, and images with fewer output tokens are padded at the end (``Merge.mask``). The paper
@@ -27,7 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Merge", "local_merge", "global_merge", "window_similarity", "window_index"]
+__all__ = [
+    "Merge",
+    "alternate_destinations",
+    "bipartite_merge",
+    "budget_window_merge",
+    "global_merge",
+    "grid_destinations",
+    "local_merge",
+    "window_index",
+    "window_merge",
+    "window_similarity",
+]
 
 
 @dataclass(frozen=True)
@@ -130,19 +145,33 @@ def _check_threshold(threshold: float) -> float:
     return threshold
 
 
-def _keep_batch_min(eligible: Tensor, score: Tensor) -> Tensor:
-    """Keep, per image, the ``r`` best-scoring eligible candidates, ``r`` = fewest eligible in the batch.
+def _keep_best(eligible: Tensor, score: Tensor, count: int) -> Tensor:
+    """Keep, per image, the ``count`` best-scoring eligible candidates (fewer where fewer are eligible).
 
     eligible, score: ``[B, M]``. Returns ``[B, M]`` bool.
     """
-    r = int(eligible.sum(1).min())
-    if r == eligible.shape[1]:
-        return eligible
+    count = min(count, eligible.shape[1])
     keep = torch.zeros_like(eligible)
-    if r > 0:
-        best = score.masked_fill(~eligible, float("-inf")).topk(r, dim=1).indices
+    if count > 0:
+        best = score.masked_fill(~eligible, float("-inf")).topk(count, dim=1).indices
         keep.scatter_(1, best, True)
-    return keep
+    return keep & eligible
+
+
+def _keep_batch_min(eligible: Tensor, score: Tensor) -> Tensor:
+    """Keep, per image, as many of its best candidates as the image of the batch with fewest eligible."""
+    fewest = int(eligible.sum(1).min())
+    return eligible if fewest == eligible.shape[1] else _keep_best(eligible, score, fewest)
+
+
+def _check_window(grid: tuple[int, int], window: tuple[int, int] | int, num_tokens: int) -> tuple[int, int]:
+    kh, kw = (window, window) if isinstance(window, int) else tuple(window)
+    if kh <= 0 or kw <= 0:
+        raise ValueError(f"window must be positive, got {(kh, kw)}")
+    height, width = grid
+    if height <= 0 or width <= 0 or height * width != num_tokens:
+        raise ValueError(f"grid {tuple(grid)} does not match {num_tokens} tokens")
+    return kh, kw
 
 
 def window_index(grid: tuple[int, int], window: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
@@ -165,14 +194,30 @@ def window_similarity(tokens: Tensor, index: Tensor) -> Tensor:
         tokens: ``[B, N, C]``.
         index: ``[S, K]`` token indices per window, ``K >= 2``.
     Returns:
-        ``[B, S]`` fp32, clamped to [-1, 1] (so τ >= 1 never merges). Uses ``sum_{i != j} u_i·u_j = |sum_i u_i|² - sum_i |u_i|²`` for unit ``u``:
-        O(K·C) per window.
+        ``[B, S]`` fp32, clamped to [-1, 1] (so τ >= 1 never merges). Uses
+        ``sum_{i != j} u_i·u_j = |sum_i u_i|² - sum_i |u_i|²`` for unit ``u``: O(K·C) per window.
     """
     k = index.shape[1]
     unit = F.normalize(tokens[:, index].float(), dim=-1)  # [B, S, K, C]
     total = unit.sum(2).pow(2).sum(-1)
     self_pairs = unit.pow(2).sum((2, 3))
     return ((total - self_pairs) / (k * (k - 1))).clamp_(-1.0, 1.0)
+
+
+def window_merge(selected: Tensor, index: Tensor, num_tokens: int) -> Merge:
+    """Merge each selected window into one token (its top-left token is the representative).
+
+    Args:
+        selected: ``[B, S]`` bool, which windows merge.
+        index: ``[S, K]`` from :func:`window_index`.
+        num_tokens: ``N``.
+    """
+    batch = selected.shape[0]
+    targets = torch.arange(num_tokens, device=selected.device).expand(batch, num_tokens).contiguous()
+    if index.numel():
+        window_targets = torch.where(selected[..., None], index[:, :1], index)  # [B, S, K]
+        targets.scatter_(1, index.flatten().expand(batch, -1), window_targets.flatten(1))
+    return _merge_from_targets(targets, None)
 
 
 def local_merge(
@@ -188,30 +233,116 @@ def local_merge(
     Args:
         tokens: ``[B, N, C]`` patch tokens, row-major on ``grid = (H, W)``, ``N = H * W``.
         window: ``(kh, kw)`` (or one int for a square window).
-        threshold: τ; τ >= 1 merges nothing, τ < -1 merges every full window.
+        threshold: τ; τ >= 1 merges nothing, τ < -1 merges every full window (plain k×k average
+            pooling, as Segformer++'s 2-D neighbour merging).
         batch_min: merge, per image, only as many windows (its most similar ones) as the image of the
             batch that merges fewest (the paper code's behaviour; no padding).
     """
     threshold = _check_threshold(threshold)
-    kh, kw = (window, window) if isinstance(window, int) else tuple(window)
-    if kh <= 0 or kw <= 0:
-        raise ValueError(f"window must be positive, got {(kh, kw)}")
-    height, width = grid
     batch, num_tokens, _ = tokens.shape
-    if height <= 0 or width <= 0 or height * width != num_tokens:
-        raise ValueError(f"grid {tuple(grid)} does not match {num_tokens} tokens")
-    positions = torch.arange(num_tokens, device=tokens.device)
-    targets = positions.expand(batch, num_tokens).contiguous()
-    index = window_index((height, width), (kh, kw), tokens.device)
+    kh, kw = _check_window(grid, window, num_tokens)
+    index = window_index(tuple(grid), (kh, kw), tokens.device)
     if index.numel() == 0 or kh * kw == 1:
-        return _merge_from_targets(targets, None)
+        return window_merge(torch.zeros(batch, index.shape[0], dtype=torch.bool, device=tokens.device), index, num_tokens)
     similarity = window_similarity(tokens, index)  # [B, S]
-    merged = similarity > threshold
+    selected = similarity > threshold
     if batch_min:
-        merged = _keep_batch_min(merged, similarity)
-    window_targets = torch.where(merged[..., None], index[:, :1], index)  # [B, S, K]
-    targets.scatter_(1, index.flatten().expand(batch, -1), window_targets.flatten(1))
-    return _merge_from_targets(targets, None)
+        selected = _keep_batch_min(selected, similarity)
+    return window_merge(selected, index, num_tokens)
+
+
+def budget_window_merge(scores: Tensor, grid: tuple[int, int], window: tuple[int, int] | int, budget: int) -> Merge:
+    """Merge the ``budget`` best-scoring full windows of each image (CTS-style token sharing).
+
+    Args:
+        scores: ``[B, S]`` a policy's score per window (higher = more likely one class), windows as
+            :func:`window_index` orders them.
+        budget: windows merged per image (clipped to the number of full windows).
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    batch = scores.shape[0]
+    height, width = grid
+    kh, kw = _check_window(grid, window, height * width)
+    index = window_index((height, width), (kh, kw), scores.device)
+    if scores.shape[1] != index.shape[0]:
+        raise ValueError(f"{scores.shape[1]} window scores for {index.shape[0]} windows")
+    eligible = torch.ones(batch, index.shape[0], dtype=torch.bool, device=scores.device)
+    return window_merge(_keep_best(eligible, scores.float(), budget), index, height * width)
+
+
+def alternate_destinations(num_tokens: int, device: torch.device | str | None = None) -> Tensor:
+    """``[N]`` bool: the odd positions (ToMe's and GBM's set B)."""
+    return torch.arange(num_tokens, device=device) % 2 == 1
+
+
+def grid_destinations(grid: tuple[int, int], stride: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
+    """``[N]`` bool: tokens on a strided 2-D grid, every ``stride = (sy, sx)``-th row and column
+    (Segformer++'s destination set)."""
+    (height, width), (sy, sx) = grid, stride
+    if sy <= 0 or sx <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    rows = torch.arange(height, device=device) % sy == 0
+    cols = torch.arange(width, device=device) % sx == 0
+    return (rows[:, None] & cols[None, :]).flatten()
+
+
+def bipartite_merge(
+    tokens: Tensor,
+    destinations: Tensor,
+    *,
+    threshold: float | None = None,
+    r: int | None = None,
+    size: Tensor | None = None,
+    batch_min: bool = False,
+) -> Merge:
+    """Bipartite matching: each source token keeps only its edge to its most similar destination.
+
+    Either ``threshold`` (merge the edges whose cosine similarity is greater than it; GBM) or ``r``
+    (merge each image's ``r`` most similar edges; ToMe) says which edges merge. Destinations are never
+    sources, so a group is one destination plus the sources matched to it.
+
+    Args:
+        tokens: ``[B, N, C]`` the matching metric (tokens, or ToMe's attention keys).
+        destinations: ``[N]`` bool, the set B (the rest is the set A of sources).
+        size: ``[B, N, 1]`` token sizes from an earlier merge; size-0 tokens are padding and take no
+            part in matching.
+        batch_min: with ``threshold``, every image merges only as many sources (its best edges) as
+            the image of the batch that merges fewest.
+    """
+    if (threshold is None) == (r is None):
+        raise ValueError("give exactly one of threshold and r")
+    if threshold is not None:
+        threshold = _check_threshold(threshold)
+    elif r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    batch, num_tokens, _ = tokens.shape
+    if destinations.shape != (num_tokens,):
+        raise ValueError(f"destinations must be [{num_tokens}] bool, got {tuple(destinations.shape)}")
+    valid = None if size is None else size[..., 0] > 0
+    if valid is not None and bool(valid.all()):
+        valid = None
+    targets = torch.arange(num_tokens, device=tokens.device).expand(batch, num_tokens).contiguous()
+    src = (~destinations).nonzero().flatten().to(tokens.device)
+    dst = destinations.nonzero().flatten().to(tokens.device)
+    if src.numel() == 0 or dst.numel() == 0:
+        return _merge_from_targets(targets, valid)
+    unit = F.normalize(tokens.float(), dim=-1)
+    scores = (unit[:, src] @ unit[:, dst].transpose(1, 2)).clamp_(-1.0, 1.0)  # [B, Na, Nb]
+    if valid is not None:
+        scores.masked_fill_(~valid[:, None, dst], float("-inf"))
+    best_score, best_dst = scores.max(-1)  # [B, Na]
+    eligible = best_score > float("-inf")
+    if valid is not None:
+        eligible &= valid[:, src]
+    if threshold is not None:
+        merged = eligible & (best_score > threshold)
+        if batch_min:
+            merged = _keep_batch_min(merged, best_score)
+    else:
+        merged = _keep_best(eligible, best_score, r)
+    targets[:, src] = torch.where(merged, dst[best_dst], src)
+    return _merge_from_targets(targets, valid)
 
 
 def global_merge(
@@ -225,35 +356,13 @@ def global_merge(
 
     A = even positions, B = odd positions of ``tokens``. Each A token keeps only its edge to its most
     similar B token (cosine similarity); edges greater than ``threshold`` merge the A token into that
-    B token. B tokens are never sources, so groups are one B token plus the A tokens matched to it.
+    B token (see :func:`bipartite_merge`).
 
     Args:
         tokens: ``[B, N, C]``.
         threshold: τ; τ >= 1 merges nothing, τ < -1 merges every real A token.
-        size: ``[B, N, 1]`` token sizes from an earlier merge; size-0 tokens are padding and take no
-            part in matching (they are neither merged nor merge targets).
-        batch_min: every image merges only as many A tokens (its best edges) as the image of the
-            batch that merges fewest.
+        size: ``[B, N, 1]`` token sizes from an earlier merge; size-0 tokens are padding.
+        batch_min: the paper code's batch-minimum behaviour (see :func:`bipartite_merge`).
     """
-    threshold = _check_threshold(threshold)
-    batch, num_tokens, _ = tokens.shape
-    valid = None if size is None else size[..., 0] > 0
-    if valid is not None and bool(valid.all()):
-        valid = None
-    positions = torch.arange(num_tokens, device=tokens.device)
-    targets = positions.expand(batch, num_tokens).contiguous()
-    if num_tokens < 2:
-        return _merge_from_targets(targets, valid)
-    unit = F.normalize(tokens.float(), dim=-1)
-    scores = (unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).clamp_(-1.0, 1.0)  # [B, Na, Nb]
-    if valid is not None:
-        scores.masked_fill_(~valid[:, None, 1::2], float("-inf"))
-    best_score, best_b = scores.max(-1)  # [B, Na]
-    merged = best_score > threshold
-    if valid is not None:
-        merged &= valid[:, ::2]
-    if batch_min:
-        merged = _keep_batch_min(merged, best_score)
-    a_positions = positions[::2]
-    targets[:, ::2] = torch.where(merged, 2 * best_b + 1, a_positions)
-    return _merge_from_targets(targets, valid)
+    destinations = alternate_destinations(tokens.shape[1], tokens.device)
+    return bipartite_merge(tokens, destinations, threshold=threshold, size=size, batch_min=batch_min)

@@ -1,31 +1,124 @@
-"""Model surgery: put ALGM into a timm plain ViT (or a model that holds one) and take it out again.
+"""Model surgery: put token merging into a timm plain ViT (or a model that holds one) and take it out.
 
-``apply_algm`` swaps the ``__class__`` of the ViT and of its blocks for subclasses that share one
-:class:`ALGMState`. CLAP runs in block ``local_layer`` and GBM in block ``global_layer`` (1-based, as in
-the paper), between attention and MLP, on the tokens after the attention residual. Prefix tokens
-(class/register tokens) are never merged. After a forward, ``state.record`` says what was merged.
+``apply_merging`` swaps the ``__class__`` of the ViT and of its blocks for subclasses that share one
+:class:`ALGMState`, which runs a list of :class:`MergeStage` s: ALGM's CLAP and GBM, and the other
+reducers the comparison needs (ToMe, Segformer++'s pooling, grid matching and key/value merging,
+CTS-style sharing), all on the same :class:`~algm_viz.merging.Merge` objects and the same record.
+``apply_algm`` is the paper's configuration: CLAP in block ``local_layer`` and GBM in block
+``global_layer`` (1-based, as in the paper), between attention and MLP, on the tokens after the
+attention residual. Prefix tokens (class/register tokens) are never merged. After a forward,
+``state.record`` says what was merged, per image.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .merging import Merge, global_merge, local_merge
+from .merging import (
+    Merge,
+    alternate_destinations,
+    bipartite_merge,
+    budget_window_merge,
+    global_merge,
+    grid_destinations,
+    local_merge,
+    window_index,
+)
 
-__all__ = ["ALGMConfig", "ALGMState", "MergeRecord", "apply_algm", "remove_algm", "algm_state", "find_vit"]
+__all__ = [
+    "ALGMConfig",
+    "ALGMState",
+    "MergeRecord",
+    "MergeStage",
+    "SharePolicy",
+    "algm_state",
+    "apply_algm",
+    "apply_merging",
+    "colour_homogeneity_policy",
+    "find_vit",
+    "remove_algm",
+    "set_thresholds",
+]
 
 # τ defaults of the authors' code (CLAP with 2×2 windows), keyed by ViT width: Ti, S, B, L.
 AUTHOR_DEFAULT_THRESHOLDS = {192: 0.90, 384: 0.88, 768: 0.94, 1024: 0.95}
 
+STAGE_KINDS = ("clap", "gbm", "tome", "pool2d", "grid", "share")
+_GRID_KINDS = ("clap", "pool2d", "grid", "share")  # need the full patch grid
+
+#: ``policy(images [B, 3, H, W], grid, window, patch_size) -> [B, S]`` scores, one per full window.
+SharePolicy = Callable[[Tensor, tuple[int, int], tuple[int, int], tuple[int, int]], Tensor]
+
+
+def _pair(value: tuple[int, int] | int, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"{name} must be two positive ints, got {value}")
+    return pair
+
+
+@dataclass(frozen=True)
+class MergeStage:
+    """One merge step, run in block ``layer`` (1-based) between attention and MLP.
+
+    ``kind``:
+        ``"clap"``   windows whose mean similarity is above ``threshold`` (ALGM's local merging);
+        ``"gbm"``    A = even, B = odd, edges above ``threshold`` (ALGM's global merging);
+        ``"tome"``   A = even, B = odd, the ``r`` best edges (ToMe);
+        ``"pool2d"`` every full ``window`` averaged (Segformer++'s 2-D neighbour merging);
+        ``"grid"``   destinations on a ``stride`` grid, ``ratio`` of the sources merged (Segformer++);
+        ``"share"``  before the block's attention, the ``budget`` fraction of ``window`` s that a
+                     policy scores best share one token (CTS-style token sharing).
+    ``metric``: ``"tokens"`` (the block's tokens after the attention residual) or ``"keys"`` (the
+    attention keys, mean over heads, as ToMe). ``kv_only``: merge only this block's keys and values
+    (queries and the token count are kept; Segformer++'s key/value merging).
+    """
+
+    kind: str
+    layer: int
+    threshold: Optional[float] = None
+    r: Optional[int] = None
+    ratio: Optional[float] = None
+    budget: Optional[float] = None
+    window: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+    metric: str = "tokens"
+    kv_only: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"unknown stage kind {self.kind!r}; use one of {', '.join(STAGE_KINDS)}")
+        if self.metric not in ("tokens", "keys"):
+            raise ValueError(f"metric must be 'tokens' or 'keys', got {self.metric!r}")
+        object.__setattr__(self, "window", _pair(self.window, "window"))
+        object.__setattr__(self, "stride", _pair(self.stride, "stride"))
+        if self.kind in ("clap", "gbm"):
+            if self.threshold is None or math.isnan(float(self.threshold)):
+                raise ValueError(f"{self.kind} needs a threshold (a number, not NaN)")
+            object.__setattr__(self, "threshold", float(self.threshold))
+        if self.kind == "tome" and (self.r is None or self.r < 0):
+            raise ValueError("tome needs r >= 0")
+        for key in ("ratio", "budget"):
+            value = getattr(self, key)
+            needed = (self.kind, key) in (("grid", "ratio"), ("share", "budget"))
+            if needed and (value is None or not 0.0 <= float(value) <= 1.0):
+                raise ValueError(f"{self.kind} needs {key} in [0, 1], got {value}")
+        if self.kv_only and self.kind not in ("tome", "grid", "pool2d"):
+            raise ValueError("kv_only applies to tome, grid and pool2d stages")
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.kind}{self.layer}")
+
 
 @dataclass(frozen=True)
 class ALGMConfig:
-    """Where and how ALGM merges. A layer of None switches that stage off."""
+    """The paper's configuration. A layer of None switches that stage off."""
 
     local_layer: Optional[int] = 1
     global_layer: Optional[int] = 5
@@ -41,10 +134,17 @@ class ALGMConfig:
             if math.isnan(value):
                 raise ValueError(f"{key} is NaN; use a number (τ >= 1 merges nothing)")
             object.__setattr__(self, key, value)
-        window = (self.window, self.window) if isinstance(self.window, int) else tuple(int(w) for w in self.window)
-        if len(window) != 2 or min(window) <= 0:
-            raise ValueError(f"window must be two positive ints, got {self.window}")
-        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "window", _pair(self.window, "window"))
+        if self.local_layer is not None and self.global_layer is not None and self.global_layer < self.local_layer:
+            raise ValueError("global_layer must not come before local_layer (CLAP needs the full grid)")
+
+    def stages(self) -> list[MergeStage]:
+        stages = []
+        if self.local_layer is not None:
+            stages.append(MergeStage("clap", self.local_layer, threshold=self.local_threshold, window=self.window, name="local"))
+        if self.global_layer is not None:
+            stages.append(MergeStage("gbm", self.global_layer, threshold=self.global_threshold, name="global"))
+        return stages
 
 
 @dataclass
@@ -53,12 +153,15 @@ class MergeRecord:
 
     Attributes:
         grid: ``(H, W)`` patch grid.
-        stages: ``(name, layer, merge)`` in order; ``"local"`` merges act on the ``H*W`` patches,
-            later ones on the previous stage's outputs.
+        stages: ``(name, layer, merge)`` of the token-reducing stages, in order: the first acts on the
+            ``H*W`` patches, each later one on the previous one's outputs.
+        kv_stages: ``(name, layer, merge)`` of key/value-only merges (the tokens they act on are the
+            ones present at that layer).
     """
 
     grid: tuple[int, int]
     stages: list[tuple[str, int, Merge]] = field(default_factory=list)
+    kv_stages: list[tuple[str, int, Merge]] = field(default_factory=list)
 
     def stage(self, name: str) -> Merge | None:
         return next((m for n, _, m in self.stages if n == name), None)
@@ -79,48 +182,136 @@ class MergeRecord:
         return counts
 
 
-class ALGMState:
-    """Shared by a patched ViT and its blocks: the config and the running token bookkeeping."""
+def colour_homogeneity_policy(images: Tensor, grid: tuple[int, int], window: tuple[int, int], patch_size: tuple[int, int]) -> Tensor:
+    """A training-free stand-in for CTS's learned policy: the negative colour variance of each
+    superpatch (``window`` patches), so the most uniform superpatches share a token first.
 
-    def __init__(self, config: ALGMConfig, num_prefix_tokens: int, unmerge_output: bool = True) -> None:
-        self.config = config
+    images: ``[B, 3, H, W]``; returns ``[B, S]`` in :func:`~algm_viz.merging.window_index` order.
+    """
+    (gh, gw), (kh, kw), (ph, pw) = grid, window, patch_size
+    kernel = (kh * ph, kw * pw)
+    region = images[..., : (gh // kh) * kernel[0], : (gw // kw) * kernel[1]].float()
+    mean = F.avg_pool2d(region, kernel)
+    variance = (F.avg_pool2d(region * region, kernel) - mean * mean).mean(1)  # [B, gh//kh, gw//kw]
+    return -variance.flatten(1)
+
+
+class ALGMState:
+    """Shared by a patched ViT and its blocks: the stages and the running token bookkeeping."""
+
+    def __init__(
+        self,
+        stages: Sequence[MergeStage],
+        num_prefix_tokens: int,
+        *,
+        prop_attn: bool = False,
+        batch_min: bool = False,
+        unmerge_output: bool = True,
+        config: ALGMConfig | None = None,
+        policy: SharePolicy = colour_homogeneity_policy,
+    ) -> None:
+        self.stages = tuple(stages)
         self.num_prefix_tokens = num_prefix_tokens
+        self.prop_attn = prop_attn
+        self.batch_min = batch_min
         self.unmerge_output = unmerge_output
+        self.config = config
+        self.policy = policy
         self.record: MergeRecord | None = None
         self.size: Tensor | None = None  # [B, T, 1] patches per token (prefix included), None = all 1
         self.attn_bias: Tensor | None = None  # [B, 1, 1, T] additive attention bias, None = no bias
+        self._images: Tensor | None = None
+        self._patch_size: tuple[int, int] = (16, 16)
 
-    def begin(self, grid: tuple[int, int]) -> None:
+    def begin(self, grid: tuple[int, int], images: Tensor | None = None, patch_size: tuple[int, int] = (16, 16)) -> None:
         self.record = MergeRecord(grid=(int(grid[0]), int(grid[1])))
         self.size = None
         self.attn_bias = None
+        self._images = images
+        self._patch_size = patch_size
 
-    def merge_in_layer(self, layer: int, x: Tensor) -> Tensor:
-        """Apply the merges configured for 1-based ``layer`` to ``x`` ``[B, T, C]``."""
-        cfg = self.config
-        for name, stage_layer in (("local", cfg.local_layer), ("global", cfg.global_layer)):
-            if stage_layer == layer:
-                x = self._merge(name, layer, x)
+    def end(self) -> None:
+        self._images = None
+
+    def stages_at(self, layer: int, *, before_attention: bool = False, kv_only: bool = False) -> list[MergeStage]:
+        return [
+            s for s in self.stages
+            if s.layer == layer and (s.kind == "share") == before_attention and s.kv_only == kv_only
+        ]
+
+    def needs_keys(self, layer: int) -> bool:
+        return any(s.layer == layer and s.metric == "keys" for s in self.stages)
+
+    def plan(self, stage: MergeStage, metric: Tensor, size: Tensor | None) -> Merge:
+        """The :class:`Merge` that ``stage`` makes of patch tokens whose matching metric is ``metric``
+        ``[B, N, C]`` and whose sizes are ``size`` ``[B, N, 1]`` (None = all 1)."""
+        if stage.kind in _GRID_KINDS and self.record.stages:
+            raise RuntimeError(f"{stage.name} needs the full patch grid: run it before any token-reducing stage")
+        grid = self.record.grid
+        if stage.kind == "clap":
+            return local_merge(metric, grid, stage.window, stage.threshold, batch_min=self.batch_min)
+        if stage.kind == "pool2d":
+            return local_merge(metric, grid, stage.window, float("-inf"))
+        if stage.kind == "gbm":
+            return global_merge(metric, stage.threshold, size, batch_min=self.batch_min)
+        if stage.kind == "tome":
+            return bipartite_merge(metric, alternate_destinations(metric.shape[1], metric.device), r=stage.r, size=size)
+        if stage.kind == "grid":
+            destinations = grid_destinations(grid, stage.stride, metric.device)
+            r = round(stage.ratio * int((~destinations).sum()))
+            return bipartite_merge(metric, destinations, r=r, size=size)
+        if self._images is None:
+            raise RuntimeError("token sharing needs the input images")
+        scores = self.policy(self._images, grid, stage.window, self._patch_size)
+        windows = window_index(grid, stage.window).shape[0]
+        return budget_window_merge(scores, grid, stage.window, round(stage.budget * windows))
+
+    def merge_in_layer(self, layer: int, x: Tensor, keys: Tensor | None = None, *, before_attention: bool = False) -> Tensor:
+        """Apply the token-reducing stages of 1-based ``layer`` to ``x`` ``[B, T, C]``.
+
+        keys: ``[B, T, d]`` attention keys (mean over heads) for stages whose metric is ``"keys"``.
+        """
+        for stage in self.stages_at(layer, before_attention=before_attention):
+            x = self._merge(stage, x, keys)
         return x
 
-    def _merge(self, name: str, layer: int, x: Tensor) -> Tensor:
-        cfg, prefix = self.config, self.num_prefix_tokens
+    def _merge(self, stage: MergeStage, x: Tensor, keys: Tensor | None) -> Tensor:
+        prefix = self.num_prefix_tokens
         patches = x[:, prefix:]
         patch_size = None if self.size is None else self.size[:, prefix:]
-        with torch.profiler.record_function(f"algm.{name}_merge"):
-            if name == "local":
-                if self.record.stages:
-                    raise RuntimeError("CLAP needs the full patch grid: put local_layer before global_layer")
-                merge = local_merge(patches, self.record.grid, cfg.window, cfg.local_threshold, batch_min=cfg.batch_min)
-            else:
-                merge = global_merge(patches, cfg.global_threshold, patch_size, batch_min=cfg.batch_min)
+        metric = patches if stage.metric == "tokens" else keys[:, prefix:]
+        with torch.profiler.record_function(f"algm.{stage.kind}_merge"):
+            merge = self.plan(stage, metric, patch_size)
             patches, patch_size = merge.merge(patches, patch_size)
             x = torch.cat([x[:, :prefix], patches], dim=1)
-            ones = patch_size.new_ones(x.shape[0], prefix, 1)
-            self.size = torch.cat([ones, patch_size], dim=1)
+            self.size = torch.cat([patch_size.new_ones(x.shape[0], prefix, 1), patch_size], dim=1)
             self.attn_bias = self.key_bias(self.size, x.dtype)
-        self.record.stages.append((name, layer, merge))
+        self.record.stages.append((stage.name, stage.layer, merge))
         return x
+
+    def merge_keys_values(self, layer: int, tokens: Tensor, keys: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Key/value-only stages of ``layer``: merge ``k``, ``v`` ``[B, h, T, d]`` of the patch tokens.
+
+        tokens: ``[B, T, C]`` the block's normalised input (metric ``"tokens"``); keys: ``[B, T, d]``.
+        Returns merged ``k``, ``v`` ``[B, h, T', d]`` and their ``[B, 1, 1, T']`` key bias (log of the
+        merged sizes, so attention over a merged key weighs it as the keys it stands for).
+        """
+        prefix, (batch, heads, _, dim) = self.num_prefix_tokens, k.shape
+        size = self.size if self.size is not None else k.new_ones(batch, k.shape[2], 1)
+        for stage in self.stages_at(layer, kv_only=True):
+            metric = (tokens if stage.metric == "tokens" else keys)[:, prefix:]
+            with torch.profiler.record_function(f"algm.{stage.kind}_kv_merge"):
+                merge = self.plan(stage, metric, size[:, prefix:])
+                flat = torch.cat([k[:, :, prefix:], v[:, :, prefix:]], dim=1)  # [B, 2h, N, d]
+                flat = flat.permute(0, 2, 1, 3).reshape(batch, -1, 2 * heads * dim)
+                merged, patch_size = merge.merge(flat, size[:, prefix:])
+                merged = merged.reshape(batch, -1, 2 * heads, dim).permute(0, 2, 1, 3)
+                k = torch.cat([k[:, :, :prefix], merged[:, :heads]], dim=2)
+                v = torch.cat([v[:, :, :prefix], merged[:, heads:]], dim=2)
+                size = torch.cat([size[:, :prefix], patch_size], dim=1)
+            self.record.kv_stages.append((stage.name, stage.layer, merge))
+        bias = size[..., 0].clamp_min(1).log().masked_fill(size[..., 0] <= 0, float("-inf"))
+        return k, v, bias.to(k.dtype)[:, None, None, :]
 
     def key_bias(self, size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """``[B, 1, 1, T]`` additive key bias: ``log(size)`` if ``prop_attn``, ``-inf`` on padding."""
@@ -129,9 +320,9 @@ class ALGMState:
         size = size[..., 0]
         padded = size <= 0
         has_padding = bool(padded.any())
-        if not (self.config.prop_attn or has_padding):
+        if not (self.prop_attn or has_padding):
             return None
-        bias = size.clamp_min(1).log() if self.config.prop_attn else torch.zeros_like(size)
+        bias = size.clamp_min(1).log() if self.prop_attn else torch.zeros_like(size)
         if has_padding:
             bias = bias.masked_fill(padded, float("-inf"))
         return bias.to(dtype)[:, None, None, :]
@@ -146,19 +337,45 @@ class ALGMState:
             return torch.cat([tokens[:, :prefix], final.unmerge(tokens[:, prefix:])], dim=1)
 
 
+def _attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, state: ALGMState, layer: int) -> tuple[Tensor, Tensor]:
+    """A timm ``Attention`` forward that also returns the keys (mean over heads, ``[B, T, d]``) and
+    applies the layer's key/value-only merges. x: ``[B, T, C]`` (normalised block input)."""
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    keys = k.mean(1)
+    if state.stages_at(layer, kv_only=True):
+        # The merged keys' bias (log size, -inf on padding) replaces the token-level one.
+        k, v, bias = state.merge_keys_values(layer, x, keys, k, v)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), keys
+
+
 class ALGMBlock(nn.Module):
-    """Mixin for a timm ``Block``: attention, ALGM merging, MLP."""
+    """Mixin for a timm ``Block``: (token sharing), attention, merging, MLP."""
 
     _algm_state: ALGMState
     _algm_layer: int
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        state = self._algm_state
+        state, layer = self._algm_state, self._algm_layer
+        x = state.merge_in_layer(layer, x, before_attention=True)
         bias = state.attn_bias
         if attn_mask is not None:
             bias = attn_mask if bias is None else bias + attn_mask
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias, is_causal=is_causal)))
-        x = state.merge_in_layer(self._algm_layer, x)
+        keys = None
+        if state.needs_keys(layer) or state.stages_at(layer, kv_only=True):
+            attended, keys = _attention_with_keys(self.attn, self.norm1(x), bias, state, layer)
+        else:
+            attended = self.attn(self.norm1(x), attn_mask=bias, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(attended))
+        x = state.merge_in_layer(layer, x, keys)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -168,9 +385,13 @@ class ALGMVisionTransformer(nn.Module):
     _algm_state: ALGMState
 
     def forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
-        self._algm_state.begin(self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
-        tokens = super().forward_features(x, *args, **kwargs)
-        return self._algm_state.unmerge(tokens) if self._algm_state.unmerge_output else tokens
+        state = self._algm_state
+        state.begin(self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])), x, tuple(self.patch_embed.patch_size))
+        try:
+            tokens = super().forward_features(x, *args, **kwargs)
+        finally:
+            state.end()
+        return state.unmerge(tokens) if state.unmerge_output else tokens
 
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -194,11 +415,47 @@ def find_vit(model: nn.Module) -> nn.Module:
 
 
 def algm_state(model: nn.Module) -> ALGMState | None:
-    """The ALGM state of ``model`` (or of its encoder), None if ALGM is not applied."""
+    """The merging state of ``model`` (or of its encoder), None if no merging is applied."""
     try:
         return getattr(find_vit(model), "_algm_state", None)
     except TypeError:
         return None
+
+
+def apply_merging(
+    model: nn.Module,
+    stages: Sequence[MergeStage],
+    *,
+    prop_attn: bool = False,
+    batch_min: bool = False,
+    policy: SharePolicy = colour_homogeneity_policy,
+    config: ALGMConfig | None = None,
+) -> nn.Module:
+    """Patch ``model`` (a timm ``VisionTransformer`` or a model with one as ``encoder``) in place to
+    run ``stages``. Applying again replaces them. Returns ``model``."""
+    vit = find_vit(model)
+    depth = len(vit.blocks)
+    for stage in stages:
+        if not 1 <= stage.layer <= depth:
+            raise ValueError(f"{stage.name}: layer {stage.layer} is outside the ViT's layers 1..{depth}")
+    for block in vit.blocks:
+        missing = [a for a in _BLOCK_ATTRS if not hasattr(block, a)]
+        if missing:
+            raise TypeError(f"{type(block).__name__} is not a timm pre-norm Block (missing {missing})")
+    unmerge_output = getattr(model, "unmerge_in_encoder", True) if model is not vit else True
+    state = ALGMState(
+        stages, getattr(vit, "num_prefix_tokens", 1), prop_attn=prop_attn, batch_min=batch_min,
+        unmerge_output=unmerge_output, config=config, policy=policy,
+    )
+    vit._algm_state = state
+    if not isinstance(vit, ALGMVisionTransformer):
+        _swap_class(vit, ALGMVisionTransformer)
+    for i, block in enumerate(vit.blocks):
+        if not isinstance(block, ALGMBlock):
+            _swap_class(block, ALGMBlock)
+        block._algm_state = state
+        block._algm_layer = i + 1
+    return model
 
 
 def apply_algm(
@@ -212,25 +469,15 @@ def apply_algm(
     prop_attn: bool = False,
     batch_min: bool = False,
 ) -> nn.Module:
-    """Patch ``model`` (a timm ``VisionTransformer`` or a model with one as ``encoder``) in place.
+    """Patch ``model`` in place with ALGM: CLAP in ``local_layer``, GBM in ``global_layer``.
 
     Thresholds left as None take the model's calibrated values (``model.algm_thresholds``, a dict with
     ``"local"``/``"global"``) where it has them, else the authors' defaults for the ViT's width.
     Applying again replaces the configuration. Returns ``model``.
     """
     vit = find_vit(model)
-    depth = len(vit.blocks)
-    for name, layer in (("local_layer", local_layer), ("global_layer", global_layer)):
-        if layer is not None and not 1 <= layer <= depth:
-            raise ValueError(f"{name}={layer} is outside the ViT's layers 1..{depth}")
-    if local_layer is not None and global_layer is not None and global_layer < local_layer:
-        raise ValueError("global_layer must not come before local_layer (CLAP needs the full grid)")
-    for block in vit.blocks:
-        missing = [a for a in _BLOCK_ATTRS if not hasattr(block, a)]
-        if missing:
-            raise TypeError(f"{type(block).__name__} is not a timm pre-norm Block (missing {missing})")
     calibrated = getattr(model, "algm_thresholds", None) or {}
-    fallback = AUTHOR_DEFAULT_THRESHOLDS.get(vit.embed_dim, 0.9) if hasattr(vit, "embed_dim") else 0.9
+    fallback = AUTHOR_DEFAULT_THRESHOLDS.get(getattr(vit, "embed_dim", 0), 0.9)
     config = ALGMConfig(
         local_layer=local_layer,
         global_layer=global_layer,
@@ -240,31 +487,21 @@ def apply_algm(
         prop_attn=prop_attn,
         batch_min=batch_min,
     )
-    unmerge_output = getattr(model, "unmerge_in_encoder", True) if model is not vit else True
-    state = ALGMState(config, getattr(vit, "num_prefix_tokens", 1), unmerge_output=unmerge_output)
-    vit._algm_state = state
-    if not isinstance(vit, ALGMVisionTransformer):
-        _swap_class(vit, ALGMVisionTransformer)
-    for i, block in enumerate(vit.blocks):
-        if not isinstance(block, ALGMBlock):
-            _swap_class(block, ALGMBlock)
-        block._algm_state = state
-        block._algm_layer = i + 1
-    return model
+    return apply_merging(model, config.stages(), prop_attn=prop_attn, batch_min=batch_min, config=config)
 
 
 def set_thresholds(model: nn.Module, local_threshold: float | None = None, global_threshold: float | None = None) -> None:
-    """Change τ of a patched model without re-patching (None keeps a value)."""
+    """Change τ of an ALGM-patched model without re-patching (None keeps a value)."""
     state = algm_state(model)
-    if state is None:
+    if state is None or state.config is None:
         raise RuntimeError("ALGM is not applied to this model")
     changes = {"local_threshold": local_threshold, "global_threshold": global_threshold}
-    changes = {key: value for key, value in changes.items() if value is not None}
-    state.config = replace(state.config, **changes)
+    state.config = replace(state.config, **{key: value for key, value in changes.items() if value is not None})
+    state.stages = tuple(state.config.stages())
 
 
 def remove_algm(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_algm` in place (a no-op on an unpatched model). Returns ``model``."""
+    """Undo :func:`apply_merging` / :func:`apply_algm` in place (a no-op on an unpatched model)."""
     vit = find_vit(model)
     for module in (vit, *vit.blocks):
         base = getattr(type(module), "_algm_base", None)

@@ -1,0 +1,94 @@
+"""Token-reduction methods as configurations of one engine, each with one knob to sweep.
+
+Every method is a list of :class:`~algm_viz.patch.MergeStage` s, so all of them share the merge
+objects, the unmerging, the timing code and the record the app draws. ``apply_method(model, name,
+value)`` patches a model; ``METHODS[name]`` says what the knob is and which values a sweep tries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from .patch import MergeStage, SharePolicy, apply_algm, apply_merging, colour_homogeneity_policy, find_vit
+
+__all__ = ["Method", "METHODS", "apply_method"]
+
+StageBuilder = Callable[..., list[MergeStage]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method and its knob. ``build(knob value, depth, **options)`` gives its stages."""
+
+    name: str
+    label: str
+    knob: str
+    values: tuple[float, ...]
+    build: StageBuilder
+    prop_attn: bool = False
+    note: str = ""
+    algm: bool = False  # an ALGM variant: ``build(depth, **options)`` gives its (local, global) layers
+
+
+def _algm_layers(depth: int, local_layer: int | None = 1, global_layer: int | None = 5) -> tuple[int | None, int | None]:
+    return local_layer, None if global_layer is None else min(global_layer, depth)
+
+
+def _tome(r: float, depth: int) -> list[MergeStage]:
+    return [MergeStage("tome", layer, r=int(r), metric="keys") for layer in range(1, depth + 1)]
+
+
+def _pool2d(k: float, depth: int, layer: int = 1) -> list[MergeStage]:
+    return [MergeStage("pool2d", layer, window=(int(k), int(k)))]
+
+
+def _grid(ratio: float, depth: int, layer: int = 1, stride: tuple[int, int] = (2, 2)) -> list[MergeStage]:
+    return [MergeStage("grid", layer, ratio=ratio, stride=stride)]
+
+
+def _kv_grid(ratio: float, depth: int, stride: tuple[int, int] = (2, 2)) -> list[MergeStage]:
+    return [MergeStage("grid", layer, ratio=ratio, stride=stride, kv_only=True) for layer in range(1, depth + 1)]
+
+
+def _cts(budget: float, depth: int, window: tuple[int, int] = (2, 2)) -> list[MergeStage]:
+    return [MergeStage("share", 1, budget=budget, window=window)]
+
+
+TAUS = (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("algm", "ALGM (CLAP + GBM)", "τ", TAUS, _algm_layers, algm=True),
+        Method("clap", "ALGM: CLAP only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"global_layer": None, **o}), algm=True),
+        Method("gbm", "ALGM: GBM only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"local_layer": None, **o}), algm=True),
+        Method("gbm1", "ALGM: GBM in layer 1", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"local_layer": None, "global_layer": 1, **o}), algm=True),
+        Method("tome", "ToMe (r per layer, keys)", "r", (2, 4, 8, 16, 24, 32), _tome, prop_attn=True),
+        Method("pool2d", "Segformer++ 2-D pooling", "k", (2, 4), _pool2d),
+        Method("grid", "Segformer++ grid matching", "ratio", (0.25, 0.5, 0.75, 0.9), _grid),
+        Method("kv_grid", "Segformer++ key/value merging", "ratio", (0.25, 0.5, 0.75, 0.9), _kv_grid),
+        Method(
+            "cts", "CTS-style sharing (stand-in policy)", "budget", (0.1, 0.2, 0.3, 0.4), _cts,
+            note="CTS's policy is a trained CNN; this uses a training-free stand-in (superpatch colour "
+            "homogeneity). Pass policy= to plug in a trained one.",
+        ),
+    )
+}
+
+
+def apply_method(model: nn.Module, name: str, value: float, *, policy: SharePolicy = colour_homogeneity_policy, **options: Any) -> nn.Module:
+    """Patch ``model`` in place with method ``name`` at knob ``value``. ``options`` go to the method:
+    ``local_layer``/``global_layer``/``window`` for the ALGM variants, ``stride``/``layer`` for grid
+    matching, ``window`` for sharing. Returns ``model``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    method, depth = METHODS[name], len(find_vit(model).blocks)
+    if method.algm:
+        window = options.pop("window", (2, 2))
+        local_layer, global_layer = method.build(depth, **options)
+        return apply_algm(model, local_layer, global_layer, window, local_threshold=value, global_threshold=value)
+    stages = method.build(value, depth, **options)
+    return apply_merging(model, stages, prop_attn=method.prop_attn, policy=policy)

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import apply_algm, algm_state, remove_algm
 from .flops import count_gflops
+from .models.segmenter import DECODERS
 from .timing import time_call
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="time baseline vs ALGM forward passes (prints JSON)", description=__doc__)
     parser.add_argument("--model", help="bundled model name/folder or official checkpoint; default: untrained --backbone")
     parser.add_argument("--backbone", default="vit_small_patch16_384", help="timm plain ViT for the untrained model")
-    parser.add_argument("--decoder", default="mask_transformer", choices=["mask_transformer", "linear"])
+    parser.add_argument("--decoder", default="mask_transformer", choices=DECODERS)
     parser.add_argument("--num-classes", type=int, default=150)
     parser.add_argument("--size", type=int, nargs="+", default=[512], help="H [W] of the input (default 512)")
     parser.add_argument("--batch", type=int, default=1)

@@ -1,9 +1,14 @@
 """Segmentation models that ALGM runs on."""
 
 from .checkpoint import KNOWN_MODELS, CheckpointError, fetch_checkpoint, load_segmenter, save_segmenter
-from .segmenter import LinearDecoder, MaskTransformer, Segmenter, create_segmenter
+from .decoders import AttentionToMask, SETRNaive, SETRProgressive
+from .segmenter import DECODERS, LinearDecoder, MaskTransformer, Segmenter, create_segmenter
 
 __all__ = [
+    "DECODERS",
+    "AttentionToMask",
+    "SETRNaive",
+    "SETRProgressive",
     "KNOWN_MODELS",
     "CheckpointError",
     "LinearDecoder",

@@ -1,8 +1,9 @@
-"""Segmenter (Strudel et al., ICCV 2021): a timm plain-ViT encoder and a linear or mask-transformer decoder.
+"""Segmenter (Strudel et al., ICCV 2021): a timm plain-ViT encoder and a linear or mask-transformer decoder
+(or a SETR / SegViT-ATM decoder from :mod:`algm_viz.models.decoders`).
 
 Parameter names follow the official Segmenter code, so its checkpoints load without renaming
 (see :mod:`algm_viz.models.checkpoint`). With ALGM applied, unmerging happens where the paper puts it:
-before a linear decoder, after the mask transformer (which runs on the merged tokens).
+before a linear or SETR decoder, after the mask transformer and ATM (which run on the merged tokens).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ import timm
 from timm.models.vision_transformer import Block
 
 from ..patch import algm_state
+from .decoders import AttentionToMask, SETRNaive, SETRProgressive
 
-__all__ = ["Segmenter", "MaskTransformer", "LinearDecoder", "create_segmenter", "NORMALIZATION"]
+__all__ = ["Segmenter", "MaskTransformer", "LinearDecoder", "create_segmenter", "NORMALIZATION", "DECODERS"]
+
+#: Decoder names accepted by :func:`create_segmenter`.
+DECODERS = ("linear", "mask_transformer", "setr_naive", "setr_pup", "atm")
 
 NORMALIZATION = {
     "vit": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
@@ -37,8 +42,10 @@ class LinearDecoder(nn.Module):
         super().__init__()
         self.head = nn.Linear(d_encoder, num_classes)
 
-    def forward(self, tokens: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:
-        """``[B, T, C]`` -> ``[B, T, num_classes]``."""
+    def forward(
+        self, tokens: Tensor, key_bias: Optional[Tensor] = None, *, grid: Optional[tuple[int, int]] = None
+    ) -> Tensor:
+        """``[B, T, C]`` -> ``[B, T, num_classes]`` (``key_bias`` and ``grid`` unused)."""
         return self.head(tokens)
 
 
@@ -78,8 +85,11 @@ class MaskTransformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model)
         self.mask_norm = nn.LayerNorm(num_classes)
 
-    def forward(self, tokens: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:
-        """``[B, T, C]`` tokens (``key_bias`` ``[B, 1, 1, T]`` for merged/padded ones) -> ``[B, T, K]``."""
+    def forward(
+        self, tokens: Tensor, key_bias: Optional[Tensor] = None, *, grid: Optional[tuple[int, int]] = None
+    ) -> Tensor:
+        """``[B, T, C]`` tokens (``key_bias`` ``[B, 1, 1, T]`` for merged/padded ones; ``grid`` unused)
+        -> ``[B, T, K]``."""
         x = self.proj_dec(tokens)
         x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
         if key_bias is not None:
@@ -115,6 +125,12 @@ class Segmenter(nn.Module):
         return stats["mean"], stats["std"]
 
     def forward(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, K, H, W]``.
+
+        The decoder is called as ``decoder(tokens, key_bias, grid=(h, w))`` on the patch grid and returns
+        per-token scores ``[B, T, K]`` or, only if it has ``unmerge_before = True``, dense logits
+        ``[B, K, h', w']`` of any size; either is resized bilinearly to the padded image.
+        """
         height, width = images.shape[-2:]
         p = self.patch_size
         padded = F.pad(images, (0, -width % p, 0, -height % p))
@@ -127,12 +143,18 @@ class Segmenter(nn.Module):
             tokens, final = final.unmerge(tokens), None
         elif final is not None:
             key_bias = state.attn_bias[..., self.encoder.num_prefix_tokens :] if state.attn_bias is not None else None
-        scores = self.decoder(tokens, key_bias)  # [B, T, K]
-        if final is not None:
-            with torch.profiler.record_function("algm.unmerge"):
-                scores = final.unmerge(scores)
-        masks = scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid)
-        masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        scores = self.decoder(tokens, key_bias, grid=grid)  # [B, T, K] or [B, K, h, w]
+        if scores.dim() == 4:
+            if not self.decoder.unmerge_before:
+                raise RuntimeError("a decoder that runs on merged tokens must return [B, T, K] scores, not a map")
+            masks = scores
+        else:
+            if final is not None:
+                with torch.profiler.record_function("algm.unmerge"):
+                    scores = final.unmerge(scores)
+            masks = scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid)
+        if masks.shape[-2:] != padded.shape[-2:]:
+            masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return masks[..., :height, :width]
 
 
@@ -153,7 +175,11 @@ def create_segmenter(
     """Build a Segmenter on the timm plain ViT ``backbone``.
 
     Args:
-        decoder: ``"linear"`` or ``"mask_transformer"``.
+        decoder: one of :data:`DECODERS`: ``"linear"``, ``"mask_transformer"``, ``"setr_naive"``,
+            ``"setr_pup"`` (SETR's naive / progressive-upsampling heads, see :mod:`.decoders`) or ``"atm"``
+            (SegViT's attention-to-mask decoder).
+        decoder_layers: layers of the mask transformer or ATM decoder; the linear and SETR decoders ignore it.
+        dropout: dropout rate of the decoder (all but the linear one).
         image_size: the size the position embedding is laid out for; other sizes are interpolated.
         normalization: ``"vit"`` (mean = std = 0.5) or ``"deit"`` (ImageNet statistics).
         layer_norm_eps: LayerNorm epsilon of the encoder (the official Segmenter uses 1e-5; timm 1e-6).
@@ -161,6 +187,8 @@ def create_segmenter(
     """
     if normalization not in NORMALIZATION:
         raise ValueError(f"normalization must be one of {sorted(NORMALIZATION)}, got {normalization!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}; got {decoder!r}")
     if layer_norm_eps is not None:
         encoder_kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
     encoder = timm.create_model(
@@ -179,6 +207,11 @@ def create_segmenter(
         head: nn.Module = LinearDecoder(num_classes, d_encoder)
     elif decoder == "mask_transformer":
         head = MaskTransformer(num_classes, d_encoder, n_layers=decoder_layers, dropout=dropout)
-    else:
-        raise ValueError(f"decoder must be 'linear' or 'mask_transformer', got {decoder!r}")
+    elif decoder == "setr_naive":
+        head = SETRNaive(num_classes, d_encoder, dropout=dropout)
+    elif decoder == "setr_pup":
+        patch_size = int(encoder.patch_embed.patch_size[0])
+        head = SETRProgressive(num_classes, d_encoder, patch_size=patch_size, dropout=dropout)
+    else:  # "atm"
+        head = AttentionToMask(num_classes, d_encoder, n_layers=decoder_layers, dropout=dropout)
     return Segmenter(encoder, head, num_classes, normalization)

@@ -10,11 +10,13 @@ import sys
 from typing import Sequence
 
 #: Modules that define sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES = ("algm_viz.bench",)
+COMMAND_MODULES = ("algm_viz.bench", "algm_viz.eval_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="algm-viz", description=__doc__.split("\n")[0].strip("`: "))
+    parser = argparse.ArgumentParser(
+        prog="algm-viz", description="See and measure ALGM token merging in ViT segmentation models."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -23,9 +23,15 @@ def load_model(spec: str, num_classes: int = 150) -> Segmenter:
         return create_segmenter(spec[len(UNTRAINED_PREFIX):] or "vit_tiny_patch16_384", num_classes=num_classes).eval()
     if spec in KNOWN_MODELS or "://" in spec:
         return load_segmenter(spec)
-    from .bundled import bundled_dir, load_bundled
+    path = Path(spec).expanduser()
+    if path.is_file() or (path / "variant.yml").is_file():
+        return load_segmenter(path)
+    from .bundled import load_bundled
 
-    path = Path(spec)
-    if (path / "config.json").is_file() or (bundled_dir(spec) / "config.json").is_file():
+    try:
         return load_bundled(spec)
-    return load_segmenter(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{spec!r} is not a bundled model, an official Segmenter checkpoint folder (checkpoint.pth + "
+            f"variant.yml), a known name ({', '.join(KNOWN_MODELS)}), a URL, or untrained:<backbone>. {error}"
+        ) from error

@@ -1,0 +1,118 @@
+"""Segmenter-style single-scale inference: resize the short side, normalise, predict at the original size.
+
+Two modes (as in the official Segmenter code): the whole (resized) image in one forward, or a sliding
+window of the training crop size. The sweep defaults to the whole image at the model's
+``input_short_side`` attribute when it has one, else at the image's own size.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..patch import algm_state
+from ..preprocess import normalize
+
+__all__ = ["prepare", "predict_logits", "sliding_window_logits", "default_short_side", "merging_disabled", "resized_shape"]
+
+
+def default_short_side(model: nn.Module) -> int | None:
+    """The short side ``model`` was trained at (its ``input_short_side`` attribute), or None."""
+    value = getattr(model, "input_short_side", None)
+    return int(value) if value else None
+
+
+def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """``(h, w)`` with the short side scaled to ``short_side`` (aspect kept); unchanged for None."""
+    if short_side is None:
+        return height, width
+    if short_side <= 0:
+        raise ValueError(f"short_side must be positive, got {short_side}")
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def prepare(model: nn.Module, image: np.ndarray, short_side: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """``[H, W, 3]`` uint8 image -> ``[1, 3, h, w]`` float on ``device``, normalised with ``model.mean_std``
+    and (bilinearly) resized so that its short side is ``short_side`` (None: not resized)."""
+    mean, std = model.mean_std
+    tensor = normalize(image, mean, std, device)
+    size = resized_shape(*tensor.shape[-2:], short_side)
+    if size != tuple(tensor.shape[-2:]):
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+    return tensor
+
+
+def _anchors(length: int, window: int, stride: int) -> list[int]:
+    """Window starts along one axis: every ``stride``, plus one flush with the end (official Segmenter)."""
+    if length <= window:
+        return [0]
+    return [a for a in range(0, length - window, stride)] + [length - window]
+
+
+def sliding_window_logits(model: nn.Module, images: Tensor, window: int, stride: int | None = None, batch_size: int = 4) -> Tensor:
+    """Segmenter's sliding-window inference on ``[1, 3, H, W]`` normalised images -> ``[1, K, H, W]``.
+
+    Windows are ``window``×``window`` (clamped to the image where it is smaller), ``stride`` apart
+    (default ``window``), the last one flush with the border; overlapping logits are averaged.
+    Windows run ``batch_size`` at a time.
+    """
+    if images.shape[0] != 1:
+        raise ValueError(f"sliding-window inference takes one image at a time, got a batch of {images.shape[0]}")
+    if window <= 0 or (stride is not None and stride <= 0) or batch_size <= 0:
+        raise ValueError(f"window, stride and batch_size must be positive, got {window}, {stride}, {batch_size}")
+    stride = stride or window
+    height, width = images.shape[-2:]
+    wh, ww = min(window, height), min(window, width)
+    boxes = [(top, left) for top in _anchors(height, wh, stride) for left in _anchors(width, ww, stride)]
+    crops = torch.cat([images[..., t : t + wh, l : l + ww] for t, l in boxes])
+    logits = torch.cat([model(chunk) for chunk in crops.split(batch_size)])
+    total = logits.new_zeros(1, logits.shape[1], height, width)
+    count = logits.new_zeros(1, 1, height, width)
+    for (top, left), crop_logits in zip(boxes, logits):
+        total[..., top : top + wh, left : left + ww] += crop_logits
+        count[..., top : top + wh, left : left + ww] += 1
+    return total / count
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    short_side: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Class logits ``[K, H, W]`` at the original resolution of ``image`` (``[H, W, 3]`` uint8).
+
+    The image is resized to ``short_side`` (None: kept), run whole (``window`` None) or with a sliding
+    window, and the logits are resized back bilinearly.
+    """
+    height, width = np.asarray(image).shape[:2]
+    x = prepare(model, image, short_side, device)
+    logits = model(x) if window is None else sliding_window_logits(model, x, window, stride)
+    if tuple(logits.shape[-2:]) != (height, width):
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    return logits[0]
+
+
+@contextmanager
+def merging_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model`` runs unmerged even if merging is applied; its stages are restored."""
+    state = algm_state(model)
+    if state is None:
+        yield
+        return
+    stages = state.stages
+    state.stages = ()
+    try:
+        yield
+    finally:
+        state.stages = stages

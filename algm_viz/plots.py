@@ -1,0 +1,194 @@
+"""Plotly figures for sweep results, attention balance and similarity analysis (shared by CLI and app).
+
+A sweep *row* is a dict: ``{"method": "baseline"|"algm"|"clap"|"gbm", "local_threshold": float|None,
+"global_threshold": float|None, "miou": float (%), "per_class_iou": list (%, NaN = absent),
+"images_per_s": float (median), "images_per_s_spread": [p25, p75], "gflops": float,
+"tokens": {"patches": float, "local": float, "global": float, "final": float}}``, plus ``"knob"``
+(``"τ"``, ``"r"``, ...) and ``"value"`` for methods other than ALGM's.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "row_threshold",
+    "threshold_figure",
+    "pareto_figure",
+    "balance_figure",
+    "similarity_figure",
+    "rows_to_csv",
+    "write_html",
+]
+
+Row = dict[str, Any]
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def row_threshold(row: Row) -> float | None:
+    """The τ a row was measured at: the CLAP τ, else the GBM τ, else the value of a τ knob (None for
+    the baseline and for methods with another knob)."""
+    if row.get("method") == "baseline":
+        return None
+    for key in ("local_threshold", "global_threshold"):
+        if row.get(key) is not None:
+            return float(row[key])
+    return float(row["value"]) if row.get("knob") == "τ" and row.get("value") is not None else None
+
+
+def _label(row: Row) -> str:
+    tau = row_threshold(row)
+    if tau is not None:
+        return f"τ = {tau:g}"
+    return f"{row['knob']} = {row['value']:g}" if row.get("knob") and row.get("value") is not None else row["method"]
+
+
+def _methods(rows: Iterable[Row]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline"))
+
+
+def _spread(rows: Sequence[Row]) -> dict[str, Any] | None:
+    spreads = [r.get("images_per_s_spread") for r in rows]
+    if any(s is None for s in spreads):
+        return None
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [s[1] - r["images_per_s"] for s, r in zip(spreads, rows)],
+        "arrayminus": [r["images_per_s"] - s[0] for s, r in zip(spreads, rows)],
+    }
+
+
+def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_label: str = "mIoU (%)") -> go.Figure:
+    """mIoU (left axis, solid) and images/s (right axis, dashed, p25–p75 error bars) against τ, one colour
+    per τ method (methods with another knob are left out); the baseline as horizontal reference lines;
+    ``current`` τ as a vertical marker."""
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    tau_methods = [m for m in _methods(rows) if any(r["method"] == m and row_threshold(r) is not None for r in rows)]
+    for color, method in zip(_PALETTE * 4, tau_methods):
+        points = sorted((r for r in rows if r["method"] == method and row_threshold(r) is not None), key=row_threshold)
+        taus = [row_threshold(r) for r in points]
+        figure.add_trace(
+            go.Scatter(x=taus, y=[r["miou"] for r in points], mode="lines+markers", name=f"{method} {quality_label}",
+                       line={"color": color}, legendgroup=method),
+            secondary_y=False,
+        )
+        figure.add_trace(
+            go.Scatter(x=taus, y=[r["images_per_s"] for r in points], mode="lines+markers", name=f"{method} images/s",
+                       line={"color": color, "dash": "dash"}, marker={"symbol": "diamond"}, error_y=_spread(points),
+                       legendgroup=method),
+            secondary_y=True,
+        )
+    for base in (r for r in rows if r["method"] == "baseline"):
+        figure.add_hline(y=base["miou"], line={"color": "black", "width": 1}, secondary_y=False,
+                         annotation_text=f"baseline {quality_label} {base['miou']:.2f}", annotation_position="bottom left")
+        figure.add_hline(y=base["images_per_s"], line={"color": "gray", "width": 1, "dash": "dot"}, secondary_y=True,
+                         annotation_text=f"baseline {base['images_per_s']:.2f} images/s", annotation_position="top left")
+    if current is not None:
+        figure.add_vline(x=float(current), line={"color": "orange", "width": 2}, annotation_text=f"τ = {float(current):.3f}")
+    figure.update_xaxes(title_text="similarity threshold τ")
+    figure.update_yaxes(title_text=quality_label, secondary_y=False)
+    figure.update_yaxes(title_text="throughput (images/s)", secondary_y=True)
+    figure.update_layout(title="Quality and throughput against τ", hovermode="x unified", legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def pareto_figure(rows: Sequence[Row], x: str = "gflops") -> go.Figure:
+    """mIoU against ``x`` (``"gflops"`` or ``"images_per_s"``), one trace per method; the baseline as a star."""
+    labels = {"gflops": "GFLOPs per image", "images_per_s": "throughput (images/s)"}
+    if x not in labels:
+        raise ValueError(f"x must be one of {sorted(labels)}, got {x!r}")
+    figure = go.Figure()
+    for color, method in zip(_PALETTE * 4, _methods(rows)):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
+        figure.add_trace(go.Scatter(
+            x=[r[x] for r in points], y=[r["miou"] for r in points], mode="lines+markers", name=method,
+            line={"color": color}, text=[_label(r) for r in points],
+            hovertemplate="%{text}<br>%{x:.3g}<br>mIoU %{y:.2f}<extra>" + method + "</extra>",
+        ))
+    base = [r for r in rows if r["method"] == "baseline"]
+    if base:
+        figure.add_trace(go.Scatter(x=[r[x] for r in base], y=[r["miou"] for r in base], mode="markers", name="baseline",
+                                    marker={"symbol": "star", "size": 14, "color": "black"}))
+    figure.update_layout(title=f"mIoU against {labels[x]}", xaxis_title=labels[x], yaxis_title="mIoU (%)")
+    return figure
+
+
+def balance_figure(stats: dict[str, Any], class_names: Sequence[str] | None = None) -> go.Figure:
+    """Per class, share of tokens and of attention received, without and with ALGM (from
+    :func:`algm_viz.evaluation.balance.attention_balance`); classes without tokens are left out."""
+    base = stats["baseline"]
+    present = [c for c, n in enumerate(base["token_count"]) if n > 0]
+    names = [class_names[c] if class_names else str(c) for c in present]
+    figure = go.Figure()
+    runs = [("baseline", base, ("#9ecae1", "#08519c"))]
+    if stats.get("algm") is not None:
+        runs.append(("ALGM", stats["algm"], ("#fcbba1", "#a50f15")))
+    title = []
+    for label, run, (light, dark) in runs:
+        figure.add_trace(go.Bar(x=names, y=[100 * run["token_share"][c] for c in present], name=f"{label}: tokens",
+                                marker_color=light))
+        figure.add_trace(go.Bar(x=names, y=[100 * run["attention_share"][c] for c in present], name=f"{label}: attention",
+                                marker_color=dark))
+        title.append(f"{label}: entropy {run['entropy']:.3f}, Gini {run['gini']:.3f}")
+    figure.update_layout(barmode="group", title="Attention balance — " + "; ".join(title),
+                         yaxis_title="share (%)", xaxis_title="class")
+    return figure
+
+
+def similarity_figure(result: dict[str, Any]) -> go.Figure:
+    """Intra- vs inter-class cosine similarity (paper Fig. 2): (a) in k×k windows of the local layer,
+    (b) over all token pairs per layer (from :func:`algm_viz.evaluation.similarity.similarity_analysis`)."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=(f"(a) k×k windows, layer {result['local_layer']}",
+                                                           "(b) all token pairs, per layer"))
+    local, layers = result["local"], result["global"]
+    sizes = [f"{k}×{k}" for k in local]
+    layer_ids = [int(layer) for layer in layers]
+    for kind, color in (("intra", "#2ca02c"), ("inter", "#d62728")):
+        figure.add_trace(go.Bar(x=sizes, y=[v[kind] for v in local.values()], name=f"{kind}-class", marker_color=color,
+                                legendgroup=kind), row=1, col=1)
+        figure.add_trace(go.Scatter(x=layer_ids, y=[v[kind] for v in layers.values()], mode="lines+markers",
+                                    name=f"{kind}-class", line={"color": color}, legendgroup=kind, showlegend=False),
+                         row=1, col=2)
+    figure.update_xaxes(title_text="window", row=1, col=1)
+    figure.update_xaxes(title_text="layer", row=1, col=2)
+    figure.update_yaxes(title_text="mean cosine similarity", row=1, col=1)
+    figure.update_layout(title="Cosine similarity of intra- and inter-class tokens", barmode="group")
+    return figure
+
+
+def rows_to_csv(rows: Sequence[Row], path: str | Path, class_names: Sequence[str] | None = None) -> Path:
+    """Write sweep rows as CSV, one column per scalar, per token stage and per class IoU."""
+    num_classes = max((len(r.get("per_class_iou", ())) for r in rows), default=0)
+    classes = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+    header = ["method", "local_threshold", "global_threshold", "knob", "value", "miou", "images_per_s",
+              "images_per_s_p25", "images_per_s_p75", "gflops", "tokens_patches", "tokens_local", "tokens_global",
+              "tokens_final"]
+    header += [f"iou_{name}" for name in classes]
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for r in rows:
+            spread = r.get("images_per_s_spread") or [math.nan, math.nan]
+            tokens = r.get("tokens", {})
+            writer.writerow([r["method"], r.get("local_threshold"), r.get("global_threshold"), r.get("knob"),
+                             r.get("value"), r["miou"], r["images_per_s"], spread[0], spread[1], r.get("gflops"),
+                             *(tokens.get(stage) for stage in ("patches", "local", "global", "final")),
+                             *r.get("per_class_iou", ())])
+    return path
+
+
+def write_html(figures: Sequence[go.Figure], path: str | Path, title: str = "algm-viz") -> Path:
+    """Write ``figures`` into one self-contained interactive HTML page (plotly.js embedded once)."""
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    path = Path(path)
+    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+                    + "\n".join(parts) + "</body></html>", encoding="utf-8")
+    return path

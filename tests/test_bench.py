@@ -47,4 +47,5 @@ def test_bench_command_prints_side_by_side_rows(capsys):
     assert unmerged["gflops"] == pytest.approx(baseline["gflops"], rel=1e-3)
     assert merged["gflops_ratio"] == pytest.approx(baseline["gflops"] / merged["gflops"])
     assert merged["engine_ms"] > 0 and 0 < merged["engine_fraction"] < 1
+    assert 0 < merged["network_ms_median"] and merged["network_speedup"] > 0
     assert ("algm-batch-min", 0.0) in rows and "adaptive_throughput_vs_this" in rows[("algm-batch-min", 0.0)]

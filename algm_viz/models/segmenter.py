@@ -124,12 +124,12 @@ class Segmenter(nn.Module):
         stats = NORMALIZATION[self.normalization]
         return stats["mean"], stats["std"]
 
-    def forward(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` -> ``[B, K, H, W]``.
+    def decoder_logits(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, K, h, w]`` logits at the decoder's resolution, before upsampling (the
+        patch grid of the zero-padded image for token decoders; a dense decoder's own resolution).
 
-        The decoder is called as ``decoder(tokens, key_bias, grid=(h, w))`` on the patch grid and returns
-        per-token scores ``[B, T, K]`` or, only if it has ``unmerge_before = True``, dense logits
-        ``[B, K, h', w']`` of any size; either is resized bilinearly to the padded image.
+        The decoder is called as ``decoder(tokens, key_bias, grid=(h, w))`` and returns per-token scores
+        ``[B, T, K]`` or, only if it has ``unmerge_before = True``, a dense map ``[B, K, h', w']``.
         """
         height, width = images.shape[-2:]
         p = self.patch_size
@@ -147,15 +147,22 @@ class Segmenter(nn.Module):
         if scores.dim() == 4:
             if not self.decoder.unmerge_before:
                 raise RuntimeError("a decoder that runs on merged tokens must return [B, T, K] scores, not a map")
-            masks = scores
-        else:
-            if final is not None:
-                with torch.profiler.record_function("algm.unmerge"):
-                    scores = final.unmerge(scores)
-            # Contiguous NCHW: bilinear upsampling of the channels-last view is ~3x slower on CPU.
-            masks = scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid).contiguous()
-        if masks.shape[-2:] != padded.shape[-2:]:
-            masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+            return scores
+        if final is not None:
+            with torch.profiler.record_function("algm.unmerge"):
+                scores = final.unmerge(scores)
+        # Contiguous NCHW: bilinear upsampling of the channels-last view is ~3x slower on CPU.
+        return scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid).contiguous()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, K, H, W]``: :meth:`decoder_logits` upsampled bilinearly to the
+        padded image and cropped back."""
+        height, width = images.shape[-2:]
+        p = self.patch_size
+        masks = self.decoder_logits(images)
+        padded_size = (height + (-height % p), width + (-width % p))
+        if masks.shape[-2:] != padded_size:
+            masks = F.interpolate(masks, size=padded_size, mode="bilinear", align_corners=False)
         return masks[..., :height, :width]
 
 

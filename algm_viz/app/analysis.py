@@ -1,0 +1,146 @@
+"""What the app shows for one image and one ALGM setting: overlays, readout, curves, balance.
+
+Everything here is computed from an :class:`ImageSession` (which caches the forwards) and is free of
+Gradio, so handlers and tests share it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .. import render
+from ..plots import balance_figure, threshold_figure
+from .session import ImageSession, Settings
+
+__all__ = ["Analysis", "analyze", "readout_markdown", "curve", "dataset_curve", "balance", "CURVE_THRESHOLDS"]
+
+#: τ of the per-image curve (the same τ for both stages); 1.0 merges nothing.
+CURVE_THRESHOLDS = tuple(round(float(t), 3) for t in np.linspace(0.55, 1.0, 10))
+
+
+@dataclass
+class Analysis:
+    """Pictures (``[H, W, 3]`` uint8, aligned with the model input) and the readout of one setting."""
+
+    local_overlay: np.ndarray
+    global_overlay: np.ndarray
+    baseline_overlay: np.ndarray
+    algm_overlay: np.ndarray
+    disagreement: np.ndarray
+    legend: np.ndarray
+    readout: dict[str, Any]
+
+
+def _percent(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else math.nan
+
+
+def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True) -> Analysis:
+    """Run (or fetch) the baseline and the ALGM forward for ``settings`` and draw everything."""
+    entry, image = session.entry, session.image
+    settings = settings.validated(entry.depth)
+    base, algm = session.baseline(), session.algm(settings)
+    maps, p = algm.maps, entry.patch_size
+    disagreement, changed = render.disagreement_map(image, base.prediction, algm.prediction)
+    agreement, _ = session.agreement(algm.prediction)
+    present = np.union1d(np.unique(base.prediction), np.unique(algm.prediction))
+    tokens = maps.tokens
+    readout: dict[str, Any] = {
+        "model": entry.label,
+        "trained": entry.trained,
+        "device": str(entry.device),
+        "image_size": [int(image.shape[1]), int(image.shape[0])],
+        "thresholds": {"local": settings.local_threshold, "global": settings.global_threshold},
+        "window": settings.window,
+        "local_layer": settings.local_layer,
+        "global_layer": settings.global_layer,
+        "tokens": dict(tokens),
+        "kept_percent": {"local": _percent(tokens["local"], tokens["patches"]),
+                         "global": _percent(tokens["global"], tokens["patches"])},
+        "latency_ms": {"baseline": 1e3 * base.latency_s, "algm": 1e3 * algm.latency_s},
+        "gflops": {"baseline": session.gflops(None), "algm": session.gflops(settings)} if with_gflops else None,
+        "agreement_miou": agreement,
+        "changed_pixels_percent": 100.0 * changed,
+        "miou": None,
+    }
+    if session.label is not None:
+        readout["miou"] = {"baseline": session.label_miou(base.prediction), "algm": session.label_miou(algm.prediction)}
+    return Analysis(
+        local_overlay=render.window_overlay(image, maps.local_groups, p),
+        global_overlay=render.group_overlay(image, maps.final_groups, maps.global_merged, p),
+        baseline_overlay=render.segmentation_overlay(image, base.prediction, entry.colors),
+        algm_overlay=render.segmentation_overlay(image, algm.prediction, entry.colors),
+        disagreement=disagreement,
+        legend=render.legend(entry.class_names, entry.colors, present),
+        readout=readout,
+    )
+
+
+def readout_markdown(readout: dict[str, Any]) -> str:
+    """The readout as a few lines of Markdown."""
+    tokens, kept, latency = readout["tokens"], readout["kept_percent"], readout["latency_ms"]
+    tau = readout["thresholds"]
+    lines = [
+        f"**Tokens** {tokens['patches']} → {tokens['local']} → {tokens['global']} "
+        f"({kept['local']:.1f} % → {kept['global']:.1f} % kept) · τ local {tau['local']:.3f}, global {tau['global']:.3f}, "
+        f"{readout['window']}×{readout['window']} windows, GBM at layer {readout['global_layer']}",
+        f"**Latency** baseline {latency['baseline']:.1f} ms · ALGM {latency['algm']:.1f} ms "
+        f"({latency['baseline'] / max(latency['algm'], 1e-9):.2f}×) on `{readout['device']}`, "
+        f"{readout['image_size'][0]}×{readout['image_size'][1]} input",
+    ]
+    if readout["gflops"] is not None:
+        gflops = readout["gflops"]
+        lines.append(f"**GFLOPs** baseline {gflops['baseline']:.2f} · ALGM {gflops['algm']:.2f} "
+                     f"({_percent(gflops['algm'], gflops['baseline']):.1f} %)")
+    quality = (f"**Agreement mIoU** (ALGM vs baseline prediction) {readout['agreement_miou']:.2f} % · "
+               f"{readout['changed_pixels_percent']:.2f} % of pixels changed")
+    if readout["miou"] is not None:
+        quality += f" · **mIoU vs label** baseline {readout['miou']['baseline']:.2f} %, ALGM {readout['miou']['algm']:.2f} %"
+    lines.append(quality)
+    if not readout["trained"]:
+        lines.append("⚠️ untrained model: random weights, the segmentation is meaningless (the merging mechanics are real).")
+    return "\n\n".join(lines)
+
+
+def curve(session: ImageSession, settings: Settings,
+          thresholds: Sequence[float] = CURVE_THRESHOLDS) -> tuple[go.Figure, list[dict[str, Any]]]:
+    """Per-image agreement mIoU, throughput and GFLOPs against τ (window and layer of ``settings``),
+    with ``settings``' local τ marked. Returns the figure and its rows."""
+    settings = settings.validated(session.entry.depth)
+    rows = session.curve_rows(thresholds, settings.window, settings.global_layer)
+    figure = threshold_figure(rows, current=settings.local_threshold, quality_label="agreement mIoU (%)")
+    figure.add_trace(go.Scatter(x=[r["local_threshold"] for r in rows[1:]], y=[r["gflops"] for r in rows[1:]],
+                                mode="lines+markers", name="algm GFLOPs", line={"color": "#2ca02c", "dash": "dot"},
+                                yaxis="y3"))
+    figure.update_layout(
+        title="This image: agreement with the baseline, throughput and GFLOPs against τ (both stages)",
+        yaxis3={"title": "GFLOPs", "overlaying": "y", "side": "right", "anchor": "free", "autoshift": True,
+                "showgrid": False},
+    )
+    return figure, rows
+
+
+def dataset_curve(rows: Sequence[dict[str, Any]] | None, current: float) -> go.Figure | None:
+    """The dataset-level τ curve a model ships (``sweep.json``), ``current`` τ marked; None without one."""
+    if not rows:
+        return None
+    figure = threshold_figure(rows, current=current, quality_label="mIoU (%)")
+    figure.update_layout(title="Data set (shipped with the model): mIoU and throughput against τ")
+    return figure
+
+
+def balance(session: ImageSession, settings: Settings) -> tuple[go.Figure, str, dict[str, Any]]:
+    """Attention balance per predicted class (paper Sec. 5.4): figure, one-line summary, raw statistics."""
+    stats = session.balance(settings)
+    figure = balance_figure(stats, session.entry.class_names)
+    base, algm = stats["baseline"], stats["algm"]
+    summary = (f"Entropy of the class attention distribution (layers {stats['layers'][0]}–{stats['layers'][-1]}): "
+               f"baseline {base['entropy']:.3f} → ALGM {algm['entropy']:.3f} nats "
+               f"(normalised {base['entropy_normalized']:.3f} → {algm['entropy_normalized']:.3f}; higher = more balanced); "
+               f"Gini {base['gini']:.3f} → {algm['gini']:.3f}.")
+    return figure, summary, stats

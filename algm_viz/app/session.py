@@ -1,0 +1,322 @@
+"""Per-image work cache: preprocessing and the baseline forward once, an ALGM forward per setting.
+
+Thread safety: ALGM's configuration lives on the model, so every forward holds the model's lock
+(:attr:`ModelEntry.lock`) from :func:`apply_algm` to reading the merge record. Sessions are shared by
+all users that send the same image to the same model, so results depend only on the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
+
+import cv2
+import numpy as np
+import torch
+
+from ..datasets import IGNORE_INDEX
+from ..evaluation.balance import attention_balance
+from ..evaluation.metrics import confusion_matrix, miou
+from ..flops import count_gflops
+from ..patch import MergeRecord, algm_state, apply_algm, remove_algm
+from ..preprocess import ImageError, normalize, to_rgb_uint8
+from .inputs import resize_for_model
+from .models import ModelEntry
+
+__all__ = [
+    "Settings",
+    "ForwardResult",
+    "MergeMaps",
+    "ImageSession",
+    "SessionCache",
+]
+
+V = TypeVar("V")
+
+#: τ the app accepts; τ >= 1 merges nothing.
+TAU_RANGE = (0.0, 1.0)
+#: Largest CLAP window side the app accepts.
+MAX_WINDOW = 8
+
+
+class LRU(Generic[V]):
+    """A small thread-safe least-recently-used map that computes missing values once."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def get(self, key: Hashable, compute: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = compute()
+            self._items[key] = value
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+            return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One ALGM configuration: τ per stage, square CLAP window side, 1-based layers."""
+
+    local_threshold: float
+    global_threshold: float
+    window: int = 2
+    global_layer: int = 5
+    local_layer: int = 1
+
+    def validated(self, depth: int) -> "Settings":
+        """``self`` with plain Python numbers, or ``ValueError`` saying what is wrong."""
+        values = {}
+        for name in ("local_threshold", "global_threshold"):
+            value = getattr(self, name)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {value!r}") from None
+            if math.isnan(value) or not TAU_RANGE[0] <= value <= TAU_RANGE[1]:
+                raise ValueError(f"{name} must be in [{TAU_RANGE[0]}, {TAU_RANGE[1]}], got {value}")
+            values[name] = round(value, 6)
+        for name, low, high in (("window", 1, MAX_WINDOW), ("local_layer", 1, depth), ("global_layer", 1, depth)):
+            value = getattr(self, name)
+            if isinstance(value, float) and (math.isnan(value) or not value.is_integer()):
+                raise ValueError(f"{name} must be a whole number, got {value}")
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+            values[name] = value
+        if values["global_layer"] < values["local_layer"]:
+            raise ValueError("the global layer must not come before the local layer (layer 1)")
+        return Settings(**values)
+
+
+@dataclass(frozen=True)
+class MergeMaps:
+    """What one ALGM forward merged, on the patch grid ``(gh, gw)``, as numpy arrays.
+
+    Attributes:
+        local_groups: ``[gh, gw]`` CLAP output slot of each patch.
+        final_groups: ``[gh, gw]`` final token of each patch.
+        global_merged: ``[gh, gw]`` bool, True where the patch's final token merged several GBM inputs.
+        tokens: ``{"patches": N, "local": N', "global": N''}``.
+    """
+
+    local_groups: np.ndarray
+    final_groups: np.ndarray
+    global_merged: np.ndarray
+    tokens: dict[str, int]
+
+    @staticmethod
+    def from_record(record: MergeRecord) -> "MergeMaps":
+        grid = record.grid
+        patches = grid[0] * grid[1]
+        local, glob, final = record.stage("local"), record.stage("global"), record.final
+        identity = np.arange(patches).reshape(grid)
+        local_groups = local.groups[0].cpu().numpy().reshape(grid) if local is not None else identity
+        final_groups = final.groups[0].cpu().numpy().reshape(grid) if final is not None else identity
+        if glob is not None:
+            sizes = np.bincount(glob.groups[0].cpu().numpy(), minlength=glob.num_out + 1)
+            global_merged = sizes[final_groups] > 1
+        else:
+            global_merged = np.zeros(grid, dtype=bool)
+        counts = {name: int(value[0]) for name, value in record.token_counts().items()}
+        tokens = {"patches": patches, "local": counts.get("local", patches)}
+        tokens["global"] = counts.get("global", tokens["local"])
+        return MergeMaps(local_groups, final_groups, global_merged, tokens)
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """One forward: ``prediction`` ``[H, W]`` int16 class ids, wall-clock ``latency_s``, merges (ALGM only)."""
+
+    prediction: np.ndarray
+    latency_s: float
+    maps: MergeMaps | None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _configure(entry: ModelEntry, settings: Settings | None) -> None:
+    """Patch (or unpatch, for ``None``) the model; the caller holds ``entry.lock``."""
+    if settings is None:
+        remove_algm(entry.model)
+    else:
+        apply_algm(entry.model, settings.local_layer, settings.global_layer, (settings.window, settings.window),
+                   settings.local_threshold, settings.global_threshold)
+
+
+def run_forward(entry: ModelEntry, images: torch.Tensor, settings: Settings | None) -> ForwardResult:
+    """Timed forward of ``images`` ``[1, 3, H, W]`` (baseline when ``settings`` is None)."""
+    with entry.lock, torch.inference_mode():
+        _configure(entry, settings)
+        _synchronize(images.device)
+        start = time.perf_counter()
+        logits = entry.model(images)
+        _synchronize(images.device)
+        latency = time.perf_counter() - start
+        state = algm_state(entry.model)
+        maps = MergeMaps.from_record(state.record) if settings is not None else None
+    prediction = logits.argmax(1)[0].to(torch.int16).cpu().numpy()
+    return ForwardResult(prediction, latency, maps)
+
+
+def run_gflops(entry: ModelEntry, images: torch.Tensor, settings: Settings | None) -> float:
+    """GFLOPs of one forward of ``images`` (baseline when ``settings`` is None)."""
+    with entry.lock:
+        _configure(entry, settings)
+        return count_gflops(entry.model, images)
+
+
+def run_balance(entry: ModelEntry, images: torch.Tensor, classes: np.ndarray, settings: Settings) -> dict[str, Any]:
+    """Attention balance of ``images`` ``[1, 3, H, W]`` for pixel classes ``classes`` ``[H, W]``."""
+    labels = torch.from_numpy(classes.astype(np.int64))[None].to(images.device)
+    with entry.lock:
+        _configure(entry, settings)
+        return attention_balance(entry.model, images, labels, entry.model.num_classes)
+
+
+class ImageSession:
+    """One image (and optional label map) prepared for one model, with its forwards cached.
+
+    Args:
+        entry: the model.
+        image: ``[H, W, 3]`` uint8 RGB as uploaded.
+        label: ``[H, W]`` class ids as uploaded (values outside ``0..K-1`` are ignored), or None.
+            Stored resized to the model input, ignored pixels set to :data:`IGNORE_INDEX`.
+        max_side: cap on the long side after resizing.
+        cache_size: ALGM settings remembered per image.
+    """
+
+    def __init__(self, entry: ModelEntry, image: np.ndarray, label: np.ndarray | None = None,
+                 max_side: int = 1024, cache_size: int = 32) -> None:
+        self.entry = entry
+        original = to_rgb_uint8(image)
+        self.image = resize_for_model(original, entry.short_side, max_side, entry.patch_size)
+        self.label = None
+        if label is not None:
+            label = np.asarray(label)
+            if label.shape[:2] != original.shape[:2]:
+                raise ImageError(f"the label map is {label.shape[1]}×{label.shape[0]} but the image is "
+                                 f"{original.shape[1]}×{original.shape[0]}")
+            resized = cv2.resize(label.astype(np.int32), self.image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+            self.label = np.where((resized >= 0) & (resized < entry.model.num_classes), resized, IGNORE_INDEX)
+        mean, std = entry.model.mean_std
+        self.tensor = normalize(self.image, mean, std, entry.device)
+        self._lock = threading.Lock()
+        self._baseline: ForwardResult | None = None
+        self._algm: LRU[ForwardResult] = LRU(cache_size)
+        self._gflops: LRU[float] = LRU(cache_size)
+        self._balance: LRU[dict[str, Any]] = LRU(cache_size)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of the (padded) model input."""
+        p = self.entry.patch_size
+        return -(-self.image.shape[0] // p) * -(-self.image.shape[1] // p)
+
+    def baseline(self) -> ForwardResult:
+        """The baseline forward (computed once)."""
+        with self._lock:
+            if self._baseline is None:
+                self._baseline = run_forward(self.entry, self.tensor, None)
+            return self._baseline
+
+    def algm(self, settings: Settings) -> ForwardResult:
+        """The ALGM forward for ``settings`` (cached)."""
+        settings = settings.validated(self.entry.depth)
+        return self._algm.get(settings, lambda: run_forward(self.entry, self.tensor, settings))
+
+    def gflops(self, settings: Settings | None) -> float:
+        """GFLOPs for ``settings`` (None = baseline; cached)."""
+        settings = settings.validated(self.entry.depth) if settings is not None else None
+        return self._gflops.get(settings, lambda: run_gflops(self.entry, self.tensor, settings))
+
+    def balance(self, settings: Settings) -> dict[str, Any]:
+        """Attention balance per predicted (baseline) class, without and with ALGM (cached);
+        see :func:`algm_viz.evaluation.balance.attention_balance`."""
+        settings = settings.validated(self.entry.depth)
+        return self._balance.get(settings, lambda: run_balance(self.entry, self.tensor, self.baseline().prediction, settings))
+
+    def agreement(self, prediction: np.ndarray) -> tuple[float, list[float]]:
+        """mIoU (%) and per-class IoU of ``prediction`` against the baseline prediction."""
+        return _miou(prediction, self.baseline().prediction, self.entry.model.num_classes)
+
+    def label_miou(self, prediction: np.ndarray) -> float | None:
+        """mIoU (%) against the uploaded label map, None without one."""
+        if self.label is None:
+            return None
+        return _miou(prediction, self.label, self.entry.model.num_classes)[0]
+
+    def curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int) -> list[dict[str, Any]]:
+        """One row per τ (the same τ for both stages), in the schema of the evaluation command, with
+        ``miou`` = agreement with the baseline (%) and throughput from this image's latency."""
+        baseline = self.baseline()
+        rows = [{
+            "method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 100.0,
+            "per_class_iou": self.agreement(baseline.prediction)[1], "images_per_s": 1.0 / baseline.latency_s,
+            "images_per_s_spread": None, "gflops": self.gflops(None),
+            "tokens": dict.fromkeys(("patches", "local", "global"), self.num_patches),
+        }]
+        for tau in thresholds:
+            settings = Settings(tau, tau, window, global_layer)
+            result = self.algm(settings)
+            miou, per_class = self.agreement(result.prediction)
+            rows.append({
+                "method": "algm",
+                "local_threshold": float(tau),
+                "global_threshold": float(tau),
+                "miou": miou,
+                "per_class_iou": per_class,
+                "images_per_s": 1.0 / result.latency_s,
+                "images_per_s_spread": None,
+                "gflops": self.gflops(settings),
+                "tokens": dict(result.maps.tokens),
+            })
+        return rows
+
+
+def _miou(prediction: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, list[float]]:
+    confusion = confusion_matrix(torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(target.astype(np.int64)),
+                                 num_classes)
+    value, per_class = miou(confusion)
+    per_class = per_class.tolist() if hasattr(per_class, "tolist") else list(per_class)
+    return float(value), [float(v) for v in per_class]
+
+
+def _digest(array: np.ndarray | None) -> str:
+    if array is None:
+        return "-"
+    array = np.ascontiguousarray(array)
+    return hashlib.sha1(array.tobytes() + str((array.shape, array.dtype)).encode()).hexdigest()
+
+
+class SessionCache:
+    """Image sessions shared by all users, keyed by model and image content (least recently used go first)."""
+
+    def __init__(self, capacity: int = 8, max_side: int = 1024) -> None:
+        self.max_side = max_side
+        self._sessions: LRU[ImageSession] = LRU(capacity)
+
+    def get(self, entry: ModelEntry, image: np.ndarray, label: np.ndarray | None = None) -> ImageSession:
+        key = (entry.key, _digest(image), _digest(label), self.max_side)
+        return self._sessions.get(key, lambda: ImageSession(entry, image, label, self.max_side))

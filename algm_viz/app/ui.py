@@ -1,0 +1,304 @@
+"""The Gradio Blocks: layout, event wiring and the named API endpoints.
+
+Endpoints (``gradio_client``): ``/select_model``, ``/load_checkpoint``, ``/analyze``, ``/curve``,
+``/balance``, ``/export``. Model work runs in one concurrency group (``"gpu"``) and, on a ZeroGPU
+Space, under ``spaces.GPU``. Bad input raises ``gr.Error`` with the reason; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import gradio as gr
+import numpy as np
+import PIL.Image
+
+from ..models import CheckpointError
+from ..plots import rows_to_csv
+from ..preprocess import ImageError
+from . import analysis
+from .gpu import gpu
+from .models import ModelEntry, ModelRegistry
+from .inputs import read_image_file, read_label_file
+from .session import SessionCache, Settings
+
+__all__ = ["Handlers", "PictureFiles", "build_demo", "ImageInput", "EXAMPLES_DIR"]
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
+PANEL_HEIGHT = 380  # px, the four image panels
+_USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImageError)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the library's input errors into ``gr.Error`` messages for the user."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except _USER_ERRORS as error:
+            logger.info("%s refused: %s", fn.__name__, error)
+            raise gr.Error(str(error)) from error
+
+    return wrapper
+
+
+class ImageInput(gr.Image):
+    """``gr.Image`` that answers a file that is no image with a clear message instead of a bare error.
+    Use it with ``type="filepath", image_mode=None`` so the file reaches the app unchanged (16-bit, RGBA, ...)."""
+
+    is_template = True  # rendered by the frontend's Image component (props come from gr.Image's signature)
+
+    def preprocess(self, payload: Any) -> str | None:
+        try:
+            return super().preprocess(payload)
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            name = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the upload").name
+            raise gr.Error(f"{name} is not an image this app can read (corrupt file or unsupported format)") from error
+
+
+class PictureFiles:
+    """Output pictures as quickly compressed PNG files (zlib ``compression`` 1 is ~4× faster than Gradio's
+    own PNG encoding); files older than ``max_age_s`` are removed as new ones are written.
+
+    Pictures whose long side is under ``display_side`` are enlarged by a whole factor (nearest
+    neighbour, so patch edges stay sharp) to fill the panels.
+    """
+
+    def __init__(self, compression: int = 1, max_age_s: float = 600.0, display_side: int = 480) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="algm_viz_pictures_"))
+        self.compression = compression
+        self.max_age_s = max_age_s
+        self.display_side = display_side
+
+    def save(self, image: np.ndarray) -> str:
+        """``[H, W, 3]`` uint8 RGB -> path of a new PNG file."""
+        expired = time.time() - self.max_age_s
+        for old in self.folder.glob("*.png"):
+            if old.stat().st_mtime < expired:
+                old.unlink(missing_ok=True)
+        factor = max(1, self.display_side // max(image.shape[:2]))
+        if factor > 1:
+            image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+        path = self.folder / f"{uuid.uuid4().hex}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, self.compression])
+        return str(path)
+
+
+class Handlers:
+    """The app's functions, free of layout: each takes and returns plain values (API-friendly).
+
+    Args:
+        registry: the models.
+        sessions: the per-image cache.
+        thresholds: τ of the per-image curve.
+        with_gflops: count GFLOPs for each setting (one extra forward per new setting).
+    """
+
+    def __init__(self, registry: ModelRegistry, sessions: SessionCache | None = None,
+                 thresholds: Sequence[float] = analysis.CURVE_THRESHOLDS, with_gflops: bool = True) -> None:
+        self.registry = registry
+        self.sessions = sessions or SessionCache()
+        self.thresholds = tuple(thresholds)
+        self.with_gflops = with_gflops
+        self.pictures = PictureFiles()
+
+    def _session(self, model: str, image: str, label: str | None):
+        entry = self.registry.get(model)
+        return self.sessions.get(entry, read_image_file(image), read_label_file(label) if label else None)
+
+    def model_info(self, model: str) -> tuple[ModelEntry, str]:
+        entry = self.registry.get(model)
+        auto = entry.auto_thresholds
+        text = (f"**{entry.label}** · {entry.model.num_classes} classes · {entry.depth} layers · "
+                f"input short side {entry.short_side}px (long side ≤ {self.sessions.max_side}px) · "
+                f"auto τ (μ+σ): local {auto['local']:.3f}, global {auto['global']:.3f} · on `{entry.device}`")
+        return entry, text
+
+    @user_errors
+    def select_model(self, model: str, progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        """-> (local τ slider, global τ slider, global-layer slider, status Markdown, dataset curve)."""
+        entry, text = self.model_info(model)
+        auto = entry.auto_thresholds
+        tau_min = min(0.5, auto["local"], auto["global"])
+        return (
+            gr.Slider(minimum=tau_min, maximum=1.0, value=auto["local"]),
+            gr.Slider(minimum=tau_min, maximum=1.0, value=auto["global"]),
+            gr.Slider(minimum=1, maximum=entry.depth, value=min(5, entry.depth)),
+            text,
+            gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), visible=entry.sweep_rows is not None),
+        )
+
+    @user_errors
+    def load_checkpoint(self, path: str | None, files: Sequence[str] | None, progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        """A local folder, or uploaded ``checkpoint.pth`` + ``variant.yml`` -> the model dropdown set to it."""
+        if files:
+            roles = {("variant.yml" if Path(f).suffix.lower() in (".yml", ".yaml") else "checkpoint.pth"): f for f in files}
+            if len(files) != 2 or len(roles) != 2:
+                raise gr.Error(f"upload exactly checkpoint.pth and variant.yml (got {sorted(Path(f).name for f in files)})")
+            folder = Path(tempfile.mkdtemp(prefix="algm_viz_ckpt_"))
+            for name, file in roles.items():
+                (folder / name).symlink_to(Path(file).resolve())
+            key = self.registry.add_folder(folder)
+        elif path and path.strip():
+            key = f"path:{Path(path.strip()).expanduser().resolve()}"
+        else:
+            raise gr.Error("give a checkpoint folder path or upload checkpoint.pth and variant.yml")
+        entry = self.registry.get(key)
+        choices = self.registry.choices() + [(entry.label, key)]
+        return gr.Dropdown(choices=choices, value=key)
+
+    def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int) -> Settings:
+        return Settings(local_tau, global_tau, window, global_layer)
+
+    @user_errors
+    def analyze(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
+                window: int, global_layer: int):
+        """-> (CLAP overlay, GBM overlay, (baseline, ALGM) segmentation, disagreement, legend, readout Markdown, readout dict)."""
+        if not image:
+            return None, None, None, None, None, "Upload an image or pick an example.", None
+        session = self._session(model, image, label)
+        result = analysis.analyze(session, self.settings(local_tau, global_tau, window, global_layer), self.with_gflops)
+        save = self.pictures.save
+        return (save(result.local_overlay), save(result.global_overlay), (save(result.baseline_overlay), save(result.algm_overlay)),
+                save(result.disagreement), save(result.legend), analysis.readout_markdown(result.readout), result.readout)
+
+    @user_errors
+    def curve(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
+              window: int, global_layer: int):
+        """-> (per-image τ curve figure, dataset curve figure or None)."""
+        if not image:
+            return None, None
+        session = self._session(model, image, label)
+        settings = self.settings(local_tau, global_tau, window, global_layer)
+        figure, _ = analysis.curve(session, settings, self.thresholds)
+        return figure, analysis.dataset_curve(session.entry.sweep_rows, float(local_tau))
+
+    @user_errors
+    def balance(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
+                window: int, global_layer: int):
+        """-> (attention-balance figure, one-line summary)."""
+        if not image:
+            return None, ""
+        session = self._session(model, image, label)
+        figure, summary, _ = analysis.balance(session, self.settings(local_tau, global_tau, window, global_layer))
+        return figure, summary
+
+    @user_errors
+    def export(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
+               window: int, global_layer: int) -> list[str]:
+        """Write the figures' data: readout JSON, per-image curve CSV + JSON, attention balance JSON."""
+        if not image:
+            raise gr.Error("nothing to export yet: upload an image first")
+        session = self._session(model, image, label)
+        settings = self.settings(local_tau, global_tau, window, global_layer)
+        readout = analysis.analyze(session, settings, self.with_gflops).readout
+        _, rows = analysis.curve(session, settings, self.thresholds)
+        _, _, stats = analysis.balance(session, settings)
+        folder = Path(tempfile.mkdtemp(prefix="algm_viz_export_"))
+        (folder / "readout.json").write_text(json.dumps(readout, indent=2))
+        (folder / "tau_curve.json").write_text(json.dumps(rows, indent=2))
+        rows_to_csv(rows, folder / "tau_curve.csv", session.entry.class_names)
+        (folder / "attention_balance.json").write_text(json.dumps({**stats, "class_names": list(session.entry.class_names)}, indent=2))
+        return [str(p) for p in sorted(folder.iterdir())]
+
+
+def _examples() -> list[list[str]]:
+    suffixes = {".png", ".jpg", ".jpeg", ".webp"}
+    return [[str(p)] for p in sorted(EXAMPLES_DIR.glob("*")) if p.suffix.lower() in suffixes] if EXAMPLES_DIR.is_dir() else []
+
+
+def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_duration: int = 60) -> gr.Blocks:
+    """The app. ``gpu_concurrency``: model requests run at once (queue concurrency group ``"gpu"``)."""
+    handlers = handlers or Handlers(ModelRegistry())
+    default = handlers.registry.default_key()
+    entry, status = handlers.model_info(default)
+    auto = entry.auto_thresholds
+    on_gpu = gpu(gpu_duration)
+    work = {"concurrency_id": "gpu", "concurrency_limit": gpu_concurrency}
+
+    with gr.Blocks(title="ALGM token merging") as demo:
+        gr.Markdown("# ALGM: see token merging in a segmentation ViT\n"
+                    "Adaptive Local-then-Global Merging (CVPR 2024): CLAP merges similar k×k windows in layer 1, "
+                    "GBM merges similar tokens anywhere in a later layer. Upload an image, then drag τ.")
+        with gr.Row():
+            model = gr.Dropdown(choices=handlers.registry.choices(), value=default, label="Model", scale=3,
+                                allow_custom_value=True)  # API: any registry key, e.g. "path:<folder>"
+            checkpoint_path = gr.Textbox(label="…or a local checkpoint folder (official Segmenter format)", scale=2)
+            checkpoint_files = gr.File(label="…or upload checkpoint.pth + variant.yml", file_count="multiple",
+                                       file_types=[".pth", ".yml", ".yaml"], scale=2)
+        model_status = gr.Markdown(status)
+        with gr.Row():
+            image = ImageInput(type="filepath", image_mode=None, sources=["upload", "clipboard"], height=320,
+                               label=f"Image (resized to the model's short side; long side ≤ {handlers.sessions.max_side}px)",
+                               elem_id="input-image")
+            with gr.Column():
+                label = gr.File(label="Optional label map (PNG of class ids) for real mIoU", type="filepath",
+                                file_types=["image"])
+                examples = _examples()
+                if examples:
+                    gr.Examples(examples=examples, inputs=[image], label="Examples (public domain)")
+        with gr.Row():
+            local_tau = gr.Slider(min(0.5, auto["local"]), 1.0, value=auto["local"], step=0.005, label="τ local (CLAP)",
+                                  elem_id="tau-local")
+            global_tau = gr.Slider(min(0.5, auto["global"]), 1.0, value=auto["global"], step=0.005, label="τ global (GBM)",
+                                   elem_id="tau-global")
+            auto_button = gr.Button("τ = auto (μ+σ)", scale=0)
+        with gr.Row():
+            window = gr.Radio([1, 2, 3, 4], value=2, label="CLAP window k×k (1 = no local merging)")
+            global_layer = gr.Slider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
+        readout = gr.Markdown(elem_id="readout")
+        panel = {"format": "png", "height": PANEL_HEIGHT}
+        with gr.Row(equal_height=True):
+            local_image = gr.Image(label="Local merging (CLAP): merged windows", elem_id="local-overlay", **panel)
+            global_image = gr.Image(label="Global merging (GBM): one colour per group, unmerged clear",
+                                    elem_id="global-overlay", **panel)
+        with gr.Row(equal_height=True):
+            segmentation = gr.ImageSlider(label="Segmentation: baseline ⟷ ALGM (drag the divider)", format="png",
+                                          max_height=PANEL_HEIGHT, elem_id="segmentation")
+            disagreement = gr.Image(label="Where ALGM and the baseline disagree (red)", elem_id="disagreement", **panel)
+        legend = gr.Image(label="Classes", format="png", height=90, show_label=True)
+        curve_plot = gr.Plot(label="This image: τ curve", elem_id="curve-plot")
+        dataset_plot = gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), label="Data set: τ curve",
+                               visible=entry.sweep_rows is not None)
+        balance_plot = gr.Plot(label="Attention balance per predicted class (paper Sec. 5.4)")
+        balance_summary = gr.Markdown()
+        with gr.Accordion("Download the figures' data (JSON/CSV)", open=False):
+            export_button = gr.Button("Prepare files")
+            export_files = gr.File(label="Files", file_count="multiple")
+        readout_json = gr.JSON(label="Readout (JSON)", visible=False)
+
+        inputs = [model, image, label, local_tau, global_tau, window, global_layer]
+        model_outputs = [local_tau, global_tau, global_layer, model_status, dataset_plot]
+        view_outputs = [local_image, global_image, segmentation, disagreement, legend, readout, readout_json]
+
+        def chain(event: Any, public: bool = False) -> None:
+            """After ``event``: the τ curve, then the attention balance (named endpoints once)."""
+            names = ({"api_name": "curve"}, {"api_name": "balance"}) if public else ({"api_visibility": "private"},) * 2
+            event.then(on_gpu(handlers.curve), inputs, [curve_plot, dataset_plot], **names[0], **work) \
+                 .then(on_gpu(handlers.balance), inputs, [balance_plot, balance_summary], **names[1], **work)
+
+        triggers = [image.change, label.change, local_tau.release, global_tau.release, window.change, global_layer.release]
+        chain(gr.on(triggers, on_gpu(handlers.analyze), inputs, view_outputs, api_name="analyze",
+                    trigger_mode="always_last", **work), public=True)
+        chain(model.change(handlers.select_model, [model], model_outputs, api_name="select_model", **work)
+              .then(on_gpu(handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+        gr.on([checkpoint_path.submit, checkpoint_files.upload], handlers.load_checkpoint,
+              [checkpoint_path, checkpoint_files], [model], api_name="load_checkpoint", **work)
+        chain(auto_button.click(lambda m: tuple(handlers.registry.get(m).auto_thresholds[k] for k in ("local", "global")),
+                                [model], [local_tau, global_tau], api_visibility="private")
+              .then(on_gpu(handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+        export_button.click(on_gpu(handlers.export), inputs, [export_files], api_name="export", **work)
+    return demo

@@ -1,0 +1,18 @@
+"""Training Segmenters: augmentations and the training loop."""
+
+from .augment import Augment, photometric, random_crop, random_flip, random_scale, resize_short_side
+from .trainer import TrainConfig, TrainSet, evaluate, load_init_weights, train
+
+__all__ = [
+    "Augment",
+    "TrainConfig",
+    "TrainSet",
+    "evaluate",
+    "load_init_weights",
+    "photometric",
+    "random_crop",
+    "random_flip",
+    "random_scale",
+    "resize_short_side",
+    "train",
+]

@@ -1,0 +1,35 @@
+"""Launch the algm-viz web app: ``python app.py [--host HOST] [--port PORT]``.
+
+Host and port also come from ``ALGM_VIZ_HOST``/``ALGM_VIZ_PORT`` or, as Hugging Face Spaces set them,
+``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` (default 127.0.0.1:7860); CPU threads from ``--threads`` or
+``ALGM_VIZ_THREADS``. The same file is the Space's app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from algm_viz.app import build_demo
+
+
+def _parse_args() -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default=env("ALGM_VIZ_HOST") or env("GRADIO_SERVER_NAME") or "127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(env("ALGM_VIZ_PORT") or env("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--threads", type=int, default=int(env("ALGM_VIZ_THREADS") or 0),
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared CPU)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    args = _parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    build_demo().queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share)

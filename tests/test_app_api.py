@@ -1,0 +1,110 @@
+"""The app as an API: a real server on 127.0.0.1 driven through ``gradio_client``."""
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from algm_viz.app.models import ModelRegistry  # noqa: E402
+from algm_viz.app.session import SessionCache  # noqa: E402
+from algm_viz.app.ui import Handlers, build_demo  # noqa: E402
+
+TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
+CLIENTS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scene(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[: 20 + seed * 3] = rng.integers(0, 255, 3)
+    image[40:, : 10 + seed * 5] = rng.integers(0, 255, 3)
+    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    handlers = Handlers(registry, SessionCache(capacity=16, max_side=128), thresholds=(0.7, 1.0), with_gflops=False)
+    demo = build_demo(handlers).queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    folder = tmp_path_factory.mktemp("api_images")
+    images = []
+    for seed in range(CLIENTS):
+        path = folder / f"scene{seed}.png"
+        cv2.imwrite(str(path), scene(seed))
+        images.append(str(path))
+    yield f"http://127.0.0.1:{port}/", images, folder
+    demo.close()
+
+
+def analyze(url: str, image: str, tau: float, window: int) -> dict:
+    client = Client(url, verbose=False)
+    result = client.predict("untrained", handle_file(image), None, tau, tau, window, 5, api_name="/analyze")
+    return result[6]
+
+
+def test_named_endpoints(server):
+    url, _, _ = server
+    endpoints = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/analyze", "/curve", "/balance", "/select_model", "/load_checkpoint", "/export"} <= set(endpoints)
+
+
+def test_ten_concurrent_clients_get_their_own_answers(server):
+    url, images, _ = server
+    jobs = [(images[i], (0.65, 0.75, 0.85, 0.95)[i % 4], 2 + i % 2) for i in range(CLIENTS)]
+    alone = [analyze(url, *job) for job in jobs]
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        together = list(pool.map(lambda job: analyze(url, *job), jobs))
+    keys = ("tokens", "thresholds", "window", "agreement_miou", "image_size")
+    for job, a, b in zip(jobs, alone, together):
+        assert {k: b[k] for k in keys} == {k: a[k] for k in keys}, f"mixed-up answer for {job}"
+        assert a["thresholds"]["local"] == job[1] and a["window"] == job[2]
+    assert len({str(r["tokens"]) for r in alone}) > 1, "the jobs differ, so must the answers"
+
+
+def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
+    url, images, folder = server
+    client = Client(url, verbose=False)
+    text = folder / "notes.png"
+    text.write_text("this is not an image")
+    with pytest.raises(Exception, match="not an image"):
+        client.predict("untrained", handle_file(str(text)), None, 0.9, 0.9, 2, 5, api_name="/analyze")
+    with pytest.raises(Exception, match="greater than maximum"):
+        client.predict("untrained", handle_file(images[0]), None, 1.5, 0.9, 2, 5, api_name="/analyze")
+    with pytest.raises(Exception, match="unknown model"):
+        client.predict("nope", handle_file(images[0]), None, 0.9, 0.9, 2, 5, api_name="/analyze")
+    assert analyze(url, images[0], 0.9, 2)["tokens"]["patches"] > 0
+
+
+def test_curve_endpoint_returns_a_plot(server):
+    url, images, _ = server
+    client = Client(url, verbose=False)
+    plot, dataset = client.predict("untrained", handle_file(images[1]), None, 0.7, 0.7, 2, 5, api_name="/curve")
+    assert plot["type"] == "plotly" and "agreement mIoU" in plot["plot"]
+    assert dataset is None
+
+
+def test_nan_through_the_http_api_is_refused_clearly(server):
+    """gradio_client cannot send NaN (strict JSON), a raw HTTP client can."""
+    httpx = pytest.importorskip("httpx")
+    url, images, _ = server
+    with open(images[0], "rb") as handle:
+        uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": handle}).json()[0]
+    image = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+    body = '{"data": ["untrained", %s, null, NaN, 0.9, 2, 5]}' % json.dumps(image)
+    event = httpx.post(f"{url}gradio_api/call/analyze", content=body, headers={"Content-Type": "application/json"}).json()
+    stream = httpx.get(f"{url}gradio_api/call/analyze/{event['event_id']}", timeout=60).text
+    assert "event: error" in stream and "local_threshold" in stream

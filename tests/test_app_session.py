@@ -1,0 +1,251 @@
+"""The app's handlers and per-image cache, without a server (a tiny untrained model)."""
+
+import csv
+import json
+import math
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+
+from algm_viz.app import analysis
+from algm_viz.app.gpu import gpu
+from algm_viz.app.inputs import read_image_file, resize_for_model
+from algm_viz.app.models import ModelRegistry
+from algm_viz.app.session import ImageSession, SessionCache, Settings
+from algm_viz.app.ui import Handlers
+from algm_viz.models import KNOWN_MODELS, create_segmenter, save_segmenter
+from algm_viz.models.bundled import save_bundled
+from algm_viz.preprocess import ImageError
+
+TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
+
+
+def tiny_registry() -> ModelRegistry:
+    return ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+
+
+def scene(height: int = 60, width: int = 90, seed: int = 0) -> np.ndarray:
+    """Flat regions (mergeable) plus noise."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2] = (200, 60, 40)
+    image[height // 2 :, : width // 3] = (30, 180, 60)
+    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
+
+
+def write(tmp_path, name: str, array: np.ndarray) -> str:
+    path = tmp_path / name
+    cv2.imwrite(str(path), array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return tiny_registry()
+
+
+@pytest.fixture()
+def handlers(registry):
+    return Handlers(registry, SessionCache(max_side=128), thresholds=(0.6, 0.8, 1.0))
+
+
+def test_resize_policy_and_tiny_images():
+    image = np.zeros((100, 400, 3), np.uint8)
+    assert resize_for_model(image, 64, 1024, 8).shape[:2] == (64, 256)
+    assert resize_for_model(image, 64, 128, 8).shape[:2] == (32, 128), "long side capped"
+    with pytest.raises(ImageError, match="at least 8 pixels"):
+        resize_for_model(np.zeros((5, 50, 3), np.uint8), 64, 1024, 8)
+
+
+def test_read_image_file_handles_16bit_gray_rgba_and_rejects_corrupt(tmp_path):
+    rgb = scene()
+    assert (read_image_file(write(tmp_path, "rgb.png", rgb)) == rgb).all()
+    gray16 = (np.arange(60 * 90).reshape(60, 90) * 10).astype(np.uint16)
+    out = read_image_file(write(tmp_path, "g16.png", gray16))
+    assert out.shape == (60, 90, 3) and out.dtype == np.uint8 and (out[..., 0] == gray16 // 257).all()
+    rgba = np.dstack([rgb, np.full((60, 90), 128, np.uint8)])
+    path = tmp_path / "rgba.png"
+    cv2.imwrite(str(path), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    assert (read_image_file(path) == rgb).all()
+    with pytest.raises(ImageError, match="megapixels"):
+        read_image_file(write(tmp_path, "big.png", np.zeros((3000, 2000), np.uint8)), max_pixels=5_000_000)
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageError, match="not an image"):
+        read_image_file(corrupt)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(local_threshold=float("nan")), "local_threshold"),
+    (dict(global_threshold=1.5), "global_threshold"),
+    (dict(window=0), "window"),
+    (dict(global_layer=7), "global_layer"),
+    (dict(window=2.5), "whole number"),
+])
+def test_settings_reject_bad_values(bad, message):
+    values = dict(local_threshold=0.9, global_threshold=0.9, window=2, global_layer=5) | bad
+    with pytest.raises(ValueError, match=message):
+        Settings(**values).validated(depth=6)
+
+
+def test_baseline_runs_once_and_tau_reruns_only_algm(registry, monkeypatch):
+    entry = registry.get("untrained")
+    calls = []
+    original = entry.model.forward
+    monkeypatch.setattr(entry.model, "forward", lambda images: calls.append(1) or original(images))
+    session = ImageSession(entry, scene())
+    for tau in (0.7, 0.8, 0.7):
+        analysis.analyze(session, Settings(tau, tau), with_gflops=False)
+    assert len(calls) == 1 + 2, "one baseline forward, one ALGM forward per new τ, none for a repeated τ"
+
+
+def test_readout_matches_the_merge(registry):
+    session = ImageSession(registry.get("untrained"), scene())
+    none = analysis.analyze(session, Settings(1.0, 1.0))
+    tokens = none.readout["tokens"]
+    assert tokens["patches"] == tokens["local"] == tokens["global"] == session.num_patches
+    assert none.readout["agreement_miou"] == pytest.approx(100.0)
+    assert (none.local_overlay == session.image).all() and (none.global_overlay == session.image).all()
+    merged = analysis.analyze(session, Settings(0.0, 0.0))
+    tokens = merged.readout["tokens"]
+    assert tokens["global"] < tokens["local"] < tokens["patches"]
+    assert merged.readout["gflops"]["algm"] < merged.readout["gflops"]["baseline"]
+    assert not (merged.local_overlay == session.image).all()
+    assert merged.readout["kept_percent"]["global"] == pytest.approx(100 * tokens["global"] / tokens["patches"])
+
+
+def test_label_map_gives_real_miou(registry):
+    entry = registry.get("untrained")
+    image = scene(64, 96)  # already the model's input size: the label needs no resizing
+    label = ImageSession(entry, image).baseline().prediction.astype(np.uint8)
+    label[:8, :8] = 255  # ignored
+    session = ImageSession(entry, image, label)
+    readout = analysis.analyze(session, Settings(0.8, 0.8), with_gflops=False).readout
+    assert readout["miou"]["baseline"] == pytest.approx(100.0)
+    assert readout["miou"]["algm"] == pytest.approx(_miou_of(session, readout))
+    with pytest.raises(ImageError, match="label map"):
+        ImageSession(entry, image, label[:10])
+
+
+def _miou_of(session, readout):
+    """mIoU of the cached ALGM prediction against the stored label, computed here independently."""
+    settings = Settings(readout["thresholds"]["local"], readout["thresholds"]["global"])
+    prediction, label = session.algm(settings).prediction.astype(int), session.label
+    valid = label != 255
+    ious = [((prediction == c) & (label == c) & valid).sum() / (((prediction == c) | (label == c)) & valid).sum()
+            for c in range(5) if (((prediction == c) | (label == c)) & valid).any()]
+    return 100 * float(np.mean(ious))
+
+
+def test_handlers_answer_bad_input_with_clear_errors(handlers, tmp_path):
+    good = write(tmp_path, "ok.png", scene())
+    cases = [
+        (("untrained", good, None, math.nan, 0.9, 2, 5), "local_threshold"),
+        (("untrained", good, None, 0.9, 0.9, 2, 99), "global_layer"),
+        (("untrained", write(tmp_path, "tiny.png", scene(4, 4)), None, 0.9, 0.9, 2, 5), "at least"),
+        (("no-such-model", good, None, 0.9, 0.9, 2, 5), "unknown model"),
+    ]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    cases.append((("untrained", str(broken), None, 0.9, 0.9, 2, 5), "not an image"))
+    for args, message in cases:
+        with pytest.raises(gr.Error, match=message):
+            handlers.analyze(*args)
+    assert handlers.analyze("untrained", None, None, 0.9, 0.9, 2, 5)[0] is None
+
+
+def test_concurrent_requests_get_their_own_answers(handlers, tmp_path):
+    jobs = [(write(tmp_path, f"im{i}.png", scene(seed=i)), 0.6 + 0.1 * (i % 4), 2 + i % 2) for i in range(6)]
+    run = lambda job: handlers.analyze("untrained", job[0], None, job[1], job[1], job[2], 5)[6]  # noqa: E731
+    alone = [run(job) for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, reversed(jobs)))[::-1]
+    key = lambda r: (r["tokens"], r["thresholds"], r["window"], r["agreement_miou"])  # noqa: E731
+    assert [key(r) for r in together] == [key(r) for r in alone]
+
+
+def test_curve_balance_and_export(handlers, tmp_path):
+    args = ("untrained", write(tmp_path, "ok.png", scene()), None, 0.8, 0.8, 2, 5)
+    figure, dataset = handlers.curve(*args)
+    assert dataset is None
+    assert any(abs(shape["x0"] - 0.8) < 1e-9 for shape in figure.layout.shapes), "current τ marked"
+    balance_plot, summary = handlers.balance(*args)
+    assert "entropy" in summary.lower() and balance_plot is not None
+    files = {p.rsplit("/", 1)[-1]: p for p in handlers.export(*args)}
+    assert set(files) == {"readout.json", "tau_curve.json", "tau_curve.csv", "attention_balance.json"}
+    rows = json.loads(Path(files["tau_curve.json"]).read_text())
+    assert [r["local_threshold"] for r in rows] == [None, 0.6, 0.8, 1.0]
+    assert rows[-1]["tokens"]["global"] == rows[0]["tokens"]["patches"], "τ = 1 merges nothing"
+    with open(files["tau_curve.csv"]) as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+def test_local_checkpoint_loads_and_a_wrong_one_is_refused(handlers, tmp_path):
+    torch.manual_seed(1)
+    model = handlers.registry.get("untrained").model
+    net = {"backbone": "vit_tiny_patch16_384", "image_size": [64, 64], "patch_size": 8, "d_model": 64, "n_heads": 2,
+           "n_layers": 6, "n_cls": 5, "decoder": {"name": "linear"}}
+    save_segmenter(model, tmp_path / "good", net)
+    dropdown = handlers.load_checkpoint(str(tmp_path / "good"), None)
+    assert dropdown.value == f"path:{tmp_path / 'good'}"
+    save_segmenter(model, tmp_path / "wrong", {**net, "n_layers": 4})
+    with pytest.raises(gr.Error, match="does not fit"):
+        handlers.load_checkpoint(str(tmp_path / "wrong"), None)
+    uploads = [str(tmp_path / "good" / "checkpoint.pth"), str(tmp_path / "good" / "variant.yml")]
+    with pytest.raises(gr.Error, match="exactly"):
+        handlers.load_checkpoint(None, uploads[:1])
+    locked = Handlers(ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False, allow_paths=False))
+    with pytest.raises(gr.Error, match="disabled"):
+        locked.load_checkpoint(str(tmp_path / "good"), None)
+    assert locked.load_checkpoint(None, uploads).value.startswith("path:"), "uploads still load"
+
+
+def test_select_model_sets_auto_tau_and_offline_downloads_fail_clearly(handlers, monkeypatch, tmp_path):
+    local, global_, layer, status, dataset = handlers.select_model("untrained")
+    auto = handlers.registry.get("untrained").auto_thresholds
+    assert (local.value, global_.value) == (auto["local"], auto["global"]) and layer.maximum == TINY["depth"]
+    assert "untrained" in status and dataset.visible is False
+    monkeypatch.setenv("ALGM_VIZ_CACHE", str(tmp_path))
+    monkeypatch.setitem(KNOWN_MODELS, "seg_tiny_mask", {**KNOWN_MODELS["seg_tiny_mask"], "url": "http://127.0.0.1:9/seg_tiny_mask"})
+    with pytest.raises(gr.Error, match="could not download"):
+        handlers.select_model("official:seg_tiny_mask")
+
+
+def test_bundled_model_brings_classes_input_size_thresholds_and_dataset_curve(tmp_path):
+    config = dict(TINY)
+    model = create_segmenter(**config)
+    names, colours = [f"c{i}" for i in range(5)], [(i * 40, 0, 0) for i in range(5)]
+    folder = save_bundled(model, tmp_path / "tiny-bundle", config=config, class_names=names, colors=colours,
+                          thresholds={"local": 0.8, "global": 0.7}, input_size=48)
+    rows = [{"method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 50.0, "per_class_iou": [],
+             "images_per_s": 10.0, "images_per_s_spread": [9.0, 11.0], "gflops": 1.0, "tokens": {}},
+            {"method": "algm", "local_threshold": 0.8, "global_threshold": 0.8, "miou": 51.0, "per_class_iou": [],
+             "images_per_s": 14.0, "images_per_s_spread": [13.0, 15.0], "gflops": 0.6, "tokens": {}}]
+    (folder / "sweep.json").write_text(json.dumps({"rows": rows}))
+    handlers = Handlers(ModelRegistry(device="cpu", include_bundled=False), SessionCache())
+    local, global_, _, status, dataset = handlers.select_model(f"bundled:{folder}")
+    assert (local.value, global_.value) == (0.8, 0.7) and dataset.visible is True
+    assert "48px" in status
+    image = write(tmp_path, "ok.png", scene(96, 144))
+    readout = handlers.analyze(f"bundled:{folder}", image, None, 0.8, 0.7, 2, 5)[6]
+    assert readout["image_size"] == [72, 48], "short side resized to the model's input size"
+    assert handlers.curve(f"bundled:{folder}", image, None, 0.8, 0.7, 2, 5)[1] is not None
+
+
+def test_gpu_shim_is_a_no_op_without_spaces_and_uses_spaces_gpu_with_it(monkeypatch):
+    def handler():
+        return 1
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import fails: not on a Space
+    assert gpu()(handler) is handler
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda duration: (lambda fn: ("on gpu", duration, fn))
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    assert gpu(30)(handler) == ("on gpu", 30, handler)

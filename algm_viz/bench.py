@@ -1,7 +1,7 @@
 """``algm-viz bench``: time a Segmenter with and without ALGM, side by side in one run; prints JSON.
 
 For the baseline and for ALGM at each τ: wall time per image (median and quartiles of repeated,
-synchronised calls after warm-up) end to end (logits at the input size) and for the network alone
+synchronised calls after warm-up, the configurations interleaved round by round) end to end (logits at the input size) and for the network alone
 (``decoder_logits``: the logits before the final bilinear upsampling, a fixed cost that no FLOP count
 includes), images/s, GFLOPs (attention counted), tokens after each stage, and the time spent in the
 engine itself (similarities, index building, merge, unmerge), measured with ``torch.profiler`` over
@@ -25,7 +25,7 @@ from torch import nn
 from . import apply_algm, algm_state, remove_algm
 from .flops import count_gflops
 from .models.segmenter import DECODERS
-from .timing import time_call
+from .timing import Timing, time_once
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,11 @@ def engine_ms(model: nn.Module, images: torch.Tensor) -> float:
     return total_us / 1e3
 
 
-def measure(model: nn.Module, images: torch.Tensor, repeats: int, warmup: int) -> dict[str, Any]:
+def describe(model: nn.Module, images: torch.Tensor, e2e: Timing, network: Timing) -> dict[str, Any]:
+    """One row: timings per image, GFLOPs, tokens and engine time of ``model`` as configured now."""
     batch = images.shape[0]
-    timing = time_call(lambda: model(images), images.device, repeats=repeats, warmup=warmup)
-    network = time_call(lambda: model.decoder_logits(images), images.device, repeats=repeats, warmup=warmup)
-    row: dict[str, Any] = timing.as_dict(per=batch)
-    row["images_per_s"] = batch / timing.median
+    row: dict[str, Any] = e2e.as_dict(per=batch)
+    row["images_per_s"] = batch / e2e.median
     row["network_ms_median"] = 1e3 * network.median / batch
     row["gflops"] = count_gflops(model, images) / batch
     state = algm_state(model)
@@ -104,23 +103,45 @@ def run_benchmark(
     warmup: int = 3,
     compare_batch_min: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows for the baseline, then ALGM at each τ (same τ for CLAP and GBM), measured in one run."""
-    remove_algm(model)
+    """Rows for the baseline, then ALGM at each τ (same τ for CLAP and GBM).
+
+    The configurations are timed side by side: each of the ``repeats`` rounds times one end-to-end and
+    one network call of every configuration in turn, so that drifts of the machine hit all alike.
+    """
+    variants = [("algm", False)] + ([("algm-batch-min", True)] if compare_batch_min else [])
+    configs = [("baseline", None, False)] + [(m, tau, b) for tau in taus for m, b in variants]
+
+    def configure(method: str, tau: float | None, batch_min: bool) -> None:
+        if method == "baseline":
+            remove_algm(model)
+        else:
+            apply_algm(model, window=window, global_layer=global_layer, local_threshold=tau, global_threshold=tau, batch_min=batch_min)
+
+    device = images.device
+    samples: dict[tuple, tuple[list[float], list[float]]] = {config: ([], []) for config in configs}
     with torch.inference_mode():
-        baseline = {"method": "baseline", "tau": None, **measure(model, images, repeats, warmup)}
-        rows = [baseline]
-        variants = [("algm", False)] + ([("algm-batch-min", True)] if compare_batch_min else [])
-        for tau in taus:
-            for method, batch_min in variants:
-                apply_algm(model, window=window, global_layer=global_layer, local_threshold=tau, global_threshold=tau, batch_min=batch_min)
-                row = {"method": method, "tau": tau, **measure(model, images, repeats, warmup)}
-                row["speedup"] = baseline["ms_median"] / row["ms_median"]
-                row["network_speedup"] = baseline["network_ms_median"] / row["network_ms_median"]
-                row["gflops_ratio"] = baseline["gflops"] / row["gflops"]
-                row["speedup_over_gflops_ratio"] = row["speedup"] / row["gflops_ratio"]
-                row["network_speedup_over_gflops_ratio"] = row["network_speedup"] / row["gflops_ratio"]
-                rows.append(row)
+        for config in configs:
+            configure(*config)
+            for _ in range(warmup):
+                model(images)
+        for _ in range(repeats):
+            for config in configs:
+                configure(*config)
+                samples[config][0].append(time_once(lambda: model(images), device))
+                samples[config][1].append(time_once(lambda: model.decoder_logits(images), device))
+        rows = []
+        for config in configs:
+            configure(*config)
+            e2e, network = (Timing.from_samples(s) for s in samples[config])
+            rows.append({"method": config[0], "tau": config[1], **describe(model, images, e2e, network)})
         remove_algm(model)
+    baseline = rows[0]
+    for row in rows[1:]:
+        row["speedup"] = baseline["ms_median"] / row["ms_median"]
+        row["network_speedup"] = baseline["network_ms_median"] / row["network_ms_median"]
+        row["gflops_ratio"] = baseline["gflops"] / row["gflops"]
+        row["speedup_over_gflops_ratio"] = row["speedup"] / row["gflops_ratio"]
+        row["network_speedup_over_gflops_ratio"] = row["network_speedup"] / row["gflops_ratio"]
     if compare_batch_min:
         adaptive = {r["tau"]: r for r in rows if r["method"] == "algm"}
         for row in rows:

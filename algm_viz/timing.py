@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Timing", "time_call", "synchronize"]
+__all__ = ["Timing", "time_call", "time_once", "synchronize"]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -28,6 +28,16 @@ class Timing:
     p75: float
     repeats: int
 
+    @classmethod
+    def from_samples(cls, samples: list[float]) -> "Timing":
+        """Median and quartiles of ``samples`` (seconds)."""
+        if not samples:
+            raise ValueError("no timing samples")
+        if len(samples) == 1:
+            return cls(samples[0], samples[0], samples[0], 1)
+        quartiles = statistics.quantiles(samples, n=4, method="inclusive")
+        return cls(statistics.median(samples), quartiles[0], quartiles[2], len(samples))
+
     def as_dict(self, per: int = 1) -> dict[str, float]:
         """Milliseconds per item when each call handled ``per`` items."""
         return {
@@ -44,14 +54,13 @@ def time_call(fn: Callable[[], object], device: torch.device | str, repeats: int
         raise ValueError("repeats must be at least 1")
     for _ in range(warmup):
         fn()
+    return Timing.from_samples([time_once(fn, device) for _ in range(repeats)])
+
+
+def time_once(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Seconds for one synchronised call of ``fn()``."""
     synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    if len(samples) == 1:
-        return Timing(samples[0], samples[0], samples[0], 1)
-    quartiles = statistics.quantiles(samples, n=4, method="inclusive")
-    return Timing(statistics.median(samples), quartiles[0], quartiles[2], repeats)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start

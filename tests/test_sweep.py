@@ -111,7 +111,17 @@ def test_other_engine_methods_sweep_their_own_knob(data):
     assert algm_state(model) is None
 
 
+def test_auto_sweeps_the_calibrated_threshold_pair(data):
+    model = _model()
+    model.algm_thresholds = {"local": 0.5, "global": -2.0}
+    (row,) = sweep(model, data, SweepConfig(taus=parse_taus("auto"), methods=["algm"], warmup=0, flops_images=0, limit=2),
+                   progress=False)
+    assert (row["value"], row["local_threshold"], row["global_threshold"]) == ("auto", 0.5, -2.0)
+    assert row["tokens"]["global"] < row["tokens"]["local"]
+
+
 def test_parse_taus_and_config_errors():
+    assert parse_taus("auto") == ["auto"] and parse_taus("0.9,auto,0.8") == [0.8, 0.9, "auto"]
     taus = parse_taus("0.80:0.98:0.02")
     assert len(taus) == 10 and taus[0] == 0.8 and taus[-1] == pytest.approx(0.98)
     assert parse_taus("0.9, 0.8") == [0.8, 0.9]

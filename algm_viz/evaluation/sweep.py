@@ -99,7 +99,7 @@ class SweepConfig:
         for method in self.methods:
             if method != "baseline":
                 values = self.taus if knob(method) == "τ" else self.values.get(method, engine_methods.METHODS[method].values)
-                runs += [(method, float(v)) for v in values]
+                runs += [(method, v if v == AUTO else float(v)) for v in values]
         return runs
 
 
@@ -110,8 +110,18 @@ def knob(method: str) -> str | None:
     return "τ" if method in ALGM_METHODS else engine_methods.METHODS[method].knob
 
 
-def parse_taus(text: str) -> list[float]:
-    """``"start:stop:step"`` (stop included) or ``"a,b,c"`` -> sorted thresholds."""
+#: A τ "value" meaning: the model's calibrated (local, global) pair, ``model.algm_thresholds``.
+AUTO = "auto"
+
+
+def parse_taus(text: str) -> list[float | str]:
+    """``"start:stop:step"`` (stop included) or ``"a,b,c"`` -> sorted thresholds; an ``auto`` item
+    (alone or in the list) adds the model's calibrated τ pair, after the numbers."""
+    items = [item.strip() for item in text.split(",")]
+    auto = [AUTO] if AUTO in items else []
+    text = ",".join(item for item in items if item != AUTO)
+    if not text:
+        return auto
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
@@ -125,7 +135,7 @@ def parse_taus(text: str) -> list[float]:
         raise ValueError(f"cannot read thresholds {text!r} (use start:stop:step or a,b,c): {error}") from error
     if not values or any(math.isnan(v) for v in values):
         raise ValueError(f"no thresholds in {text!r}")
-    return sorted(values)
+    return sorted(values) + auto
 
 
 def configure_method(model: nn.Module, method: str, value: float | None, config: SweepConfig) -> None:
@@ -139,8 +149,8 @@ def configure_method(model: nn.Module, method: str, value: float | None, config:
             local_layer=config.local_layer if stages["local"] else None,
             global_layer=config.global_layer if stages["global"] else None,
             window=config.window,
-            local_threshold=value,
-            global_threshold=value,
+            local_threshold=None if value == AUTO else value,
+            global_threshold=None if value == AUTO else value,
         )
     else:
         engine_methods.apply_method(model, method, value)
@@ -235,13 +245,14 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
     }
 
 
-def _row(method: str, value: float | None, result: dict[str, Any]) -> dict[str, Any]:
+def _row(method: str, value: float | str | None, result: dict[str, Any], state: Any = None) -> dict[str, Any]:
     mean, per_class = miou(result["confusion"])
     stages = ALGM_METHODS.get(method, {"local": False, "global": False})
+    thresholds = state.config if state is not None and state.config is not None else None
     return {
         "method": method,
-        "local_threshold": value if stages["local"] else None,
-        "global_threshold": value if stages["global"] else None,
+        "local_threshold": thresholds.local_threshold if stages["local"] and thresholds else None,
+        "global_threshold": thresholds.global_threshold if stages["global"] and thresholds else None,
         "knob": knob(method),
         "value": value,
         "miou": mean,
@@ -275,9 +286,9 @@ def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context 
     try:
         for method, value in tqdm(config.runs(), desc="sweep", disable=not (progress and context.is_main) or None):
             configure_method(model, method, value, config)
-            label = method if value is None else f"{method} {knob(method)}={value:g}"
+            label = method if value is None else f"{method} {knob(method)}={value}"
             result = evaluate(model, dataset, config, context, progress=progress and context.is_main, description=label)
-            rows.append(_row(method, value, result))
+            rows.append(_row(method, value, result, algm_state(model)))
             logger.info("%s: mIoU %.2f, %.2f images/s, %.2f GFLOPs", label, rows[-1]["miou"],
                         rows[-1]["images_per_s"], rows[-1]["gflops"])
     finally:

@@ -120,7 +120,7 @@ def parse_taus(text: str) -> list[float | str]:
     items = [item.strip() for item in text.split(",")]
     auto = [AUTO] if AUTO in items else []
     text = ",".join(item for item in items if item != AUTO)
-    if not text:
+    if not text and auto:
         return auto
     try:
         if ":" in text:

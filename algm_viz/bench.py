@@ -56,21 +56,22 @@ def image_batch(path: str, batch: int, height: int, width: int, mean_std: tuple)
     return normalize(image, *mean_std).expand(batch, -1, -1, -1).contiguous()
 
 
-def engine_ms(model: nn.Module, images: torch.Tensor) -> float:
-    """Milliseconds spent inside the ``algm.*`` profiler ranges during one forward."""
+def engine_ms(model: nn.Module, images: torch.Tensor, forwards: int = 3) -> float:
+    """Milliseconds per forward spent inside the ``algm.*`` profiler ranges (mean of ``forwards``)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     on_cuda = images.device.type == "cuda"
     if on_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
-        model(images)
+        for _ in range(forwards):
+            model(images)
         if on_cuda:
             torch.cuda.synchronize(images.device)
     total_us = 0.0
     for event in profiler.key_averages():
         if event.key.startswith("algm."):
             total_us += event.device_time_total if on_cuda else event.cpu_time_total
-    return total_us / 1e3
+    return total_us / 1e3 / forwards
 
 
 def describe(model: nn.Module, images: torch.Tensor, e2e: Timing, network: Timing) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 #: Modules that define sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES = ("algm_viz.bench", "algm_viz.train_cli", "algm_viz.eval_cli")
+COMMAND_MODULES = ("algm_viz.bench", "algm_viz.train_cli", "algm_viz.eval_cli", "algm_viz.compare_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

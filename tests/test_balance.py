@@ -133,30 +133,15 @@ def test_bad_input():
         aggregate_balance([])
 
 
-def test_cli_balance_aggregates_images(tmp_path):
+def test_cli_balance_aggregates_images(tmp_path, random_folder_data, tiny_official_model):
     import json
 
-    import cv2
-    import numpy as np
-
     from algm_viz.cli import main
-    from algm_viz.models import save_segmenter
 
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        for folder, array in (("images", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)),
-                              ("labels", rng.integers(0, 3, (48, 64), dtype=np.uint8))):
-            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(tmp_path / "data" / folder / f"{i}.png"), array)
-    net = {"backbone": "vit_tiny_patch16_384", "d_model": 64, "n_heads": 2, "n_layers": 6, "patch_size": 16,
-           "image_size": 64, "n_cls": 3, "d_ff": 256, "layer_norm_eps": 1e-6}
-    torch.manual_seed(0)
-    model = create_segmenter("vit_tiny_patch16_384", num_classes=3, depth=6, embed_dim=64, num_heads=2, image_size=64,
-                             layer_norm_eps=1e-6)
-    folder = save_segmenter(model, tmp_path / "model", net)
+    folder = tiny_official_model
     out = tmp_path / "balance.json"
     for labels in ("gt", "pred"):
-        assert main(["balance", "--model", str(folder), "--data", str(tmp_path / "data"), "--dataset", "folder",
+        assert main(["balance", "--model", str(folder), "--data", str(random_folder_data), "--dataset", "folder",
                      "--classes", "a,b,c", "--tau", "0.2", "--labels", labels, "--out", str(out)]) == 0
         result = json.loads(out.read_text())
         assert result["images"] == 2 and result["algm"]["images"] == 2

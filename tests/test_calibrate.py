@@ -127,22 +127,12 @@ def test_store_thresholds_in_official_folder_and_bundled_json(tmp_path):
         store_thresholds(folder, {"thresholds": {"local": math.nan, "global": 0.5}})
 
 
-def test_cli_calibrate_stores_with_the_model(tmp_path):
-    import cv2
-
+def test_cli_calibrate_stores_with_the_model(tmp_path, random_folder_data, tiny_official_model):
     from algm_viz.cli import main
 
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        for folder, array in (("images", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)),
-                              ("labels", rng.integers(0, 3, (48, 64), dtype=np.uint8))):
-            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(tmp_path / "data" / folder / f"{i}.png"), array)
-    net = {"backbone": "vit_tiny_patch16_384", "d_model": 64, "n_heads": 2, "n_layers": 6, "patch_size": 16,
-           "image_size": 64, "n_cls": 3, "d_ff": 256, "layer_norm_eps": 1e-6}
-    folder = save_segmenter(_model(), tmp_path / "model", net)
+    folder = tiny_official_model
     out = tmp_path / "calibration.json"
-    code = main(["calibrate", "--model", str(folder), "--data", str(tmp_path / "data"), "--dataset", "folder",
+    code = main(["calibrate", "--model", str(folder), "--data", str(random_folder_data), "--dataset", "folder",
                  "--classes", "a,b,c", "--global-layer", "4", "--store", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())

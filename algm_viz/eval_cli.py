@@ -79,15 +79,10 @@ def _dataset(args: argparse.Namespace) -> SegmentationFolder:
 
 
 def _model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    from .models import load_segmenter
     from .models.loading import load_model
 
     torch.manual_seed(args.seed)
-    path = Path(args.model)
-    if (path / "variant.yml").is_file() or path.suffix == ".pth":  # official format, local
-        model = load_segmenter(path)
-    else:
-        model = load_model(args.model, num_classes=num_classes)
+    model = load_model(args.model, num_classes=num_classes)
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise ValueError(f"the model predicts {model.num_classes} classes but the data set has {num_classes}")
     return model.to(device).eval()

@@ -28,7 +28,7 @@ from .models.loading import load_model
 from .patch import algm_state, remove_algm
 from .plots import pareto_figure, rows_to_csv, write_html
 
-__all__ = ["OneImage", "compare", "merge_maps"]
+__all__ = ["OneImage", "compare", "merge_maps", "parse_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,23 @@ def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     return np.concatenate([bar, panel], axis=0)
 
 
-def _spec(text: str) -> tuple[str, float]:
-    method, _, value = text.partition(":")
-    if method not in METHODS or not value:
-        raise argparse.ArgumentTypeError(f"expected METHOD:VALUE with a method from {', '.join(METHODS)}, got {text!r}")
-    return method, float(value)
+def parse_spec(text: str) -> tuple[str, float]:
+    """``"METHOD:VALUE"`` (e.g. ``"tome:8"``) -> ``(method, value)``; ``ValueError`` otherwise."""
+    method, _, value = text.strip().partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if method not in METHODS or number != number:
+        raise ValueError(f"expected METHOD:VALUE with a method from {', '.join(METHODS)}, got {text!r}")
+    return method, number
+
+
+def _spec_argument(text: str) -> tuple[str, float]:
+    try:
+        return parse_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,7 +187,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated methods (default: all)")
     parser.add_argument("--taus", default="0.80:0.98:0.02", help="τ values of the ALGM variants (start:stop:step or a,b,c)")
     parser.add_argument("--values", nargs="*", metavar="METHOD=V1/V2", help="knob values of other methods, e.g. tome=4/8/16")
-    parser.add_argument("--maps", nargs=2, type=_spec, default=[("algm", 0.9), ("tome", 8.0)], metavar="METHOD:VALUE",
+    parser.add_argument("--maps", nargs=2, type=_spec_argument, default=[("algm", 0.9), ("tome", 8.0)], metavar="METHOD:VALUE",
                         help="the two methods whose merge maps are drawn side by side (default algm:0.9 tome:8)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration (default 5)")
     parser.add_argument("--short-side", type=int, help="resize the image to this short side (default: the model's)")

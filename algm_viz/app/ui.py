@@ -1,7 +1,7 @@
 """The Gradio Blocks: layout, event wiring and the named API endpoints.
 
 Endpoints (``gradio_client``): ``/select_model``, ``/load_checkpoint``, ``/analyze``, ``/curve``,
-``/balance``, ``/export``. Model work runs in one concurrency group (``"gpu"``) and, on a ZeroGPU
+``/balance``, ``/export``, ``/compare``. Model work runs in one concurrency group (``"gpu"``) and, on a ZeroGPU
 Space, under ``spaces.GPU``. Bad input raises ``gr.Error`` with the reason; the server keeps serving.
 """
 
@@ -21,8 +21,11 @@ import gradio as gr
 import numpy as np
 import PIL.Image
 
+from ..compare_cli import compare as compare_methods
+from ..compare_cli import merge_maps, parse_spec
+from ..methods import METHODS
 from ..models import CheckpointError
-from ..plots import rows_to_csv
+from ..plots import pareto_figure, rows_to_csv
 from ..preprocess import ImageError
 from . import analysis
 from .gpu import gpu
@@ -197,6 +200,27 @@ class Handlers:
         return figure, summary
 
     @user_errors
+    def compare(self, model: str, image: str | None, label: str | None, methods: Sequence[str], map_a: str, map_b: str):
+        """-> (quality vs GFLOPs figure, quality vs throughput figure, merge maps of two methods side by side).
+
+        Every method in ``methods`` over its own knob values (issue 6's comparison) on this image."""
+        if not image:
+            raise gr.Error("upload an image (or pick an example) first")
+        if not methods:
+            raise gr.Error("pick at least one method to compare")
+        specs = [parse_spec(map_a), parse_spec(map_b)]
+        session = self._session(model, image, label)
+        reference = None if session.label is None else session.label.astype(np.uint8)
+        with session.entry.lock:
+            rows = compare_methods(session.entry.model, session.image, list(methods), label=reference, repeats=2)
+            maps = merge_maps(session.entry.model, session.image, specs)
+        quality = "agreement mIoU with the baseline (%)" if reference is None else "mIoU (%)"
+        figures = [pareto_figure(rows, "gflops"), pareto_figure(rows, "images_per_s")]
+        for figure in figures:
+            figure.update_layout(yaxis_title=quality)
+        return figures[0], figures[1], self.pictures.save(maps)
+
+    @user_errors
     def export(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
                window: int, global_layer: int) -> list[str]:
         """Write the figures' data: readout JSON, per-image curve CSV + JSON, attention balance JSON."""
@@ -275,6 +299,21 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_d
                                visible=entry.sweep_rows is not None)
         balance_plot = gr.Plot(label="Attention balance per predicted class (paper Sec. 5.4)")
         balance_summary = gr.Markdown()
+        with gr.Accordion("Compare token reducers on this image (ALGM, ToMe, Segformer++, CTS-style)", open=False):
+            gr.Markdown("Each method over its own knob (τ, r, k, ratio, budget); quality is the agreement with the "
+                        "baseline prediction (or the mIoU with a label map). CTS-style sharing uses a training-free "
+                        "stand-in policy (superpatch colour homogeneity), not CTS's trained CNN.")
+            compare_methods_box = gr.CheckboxGroup([(METHODS[m].label, m) for m in METHODS],
+                                                   value=["algm", "tome", "pool2d", "grid", "kv_grid", "cts"],
+                                                   label="Methods")
+            with gr.Row():
+                map_a = gr.Textbox("algm:0.9", label="Merge map A (method:value)")
+                map_b = gr.Textbox("tome:8", label="Merge map B (method:value)")
+                compare_button = gr.Button("Compare", variant="primary", scale=0)
+            with gr.Row():
+                pareto_gflops = gr.Plot(label="Quality against GFLOPs")
+                pareto_speed = gr.Plot(label="Quality against throughput")
+            compare_maps = gr.Image(label="Final merge groups: A | B", format="png", elem_id="compare-maps")
         with gr.Accordion("Download the figures' data (JSON/CSV)", open=False):
             export_button = gr.Button("Prepare files")
             export_files = gr.File(label="Files", file_count="multiple")
@@ -301,4 +340,6 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_d
                                 [model], [local_tau, global_tau], api_visibility="private")
               .then(on_gpu(handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
         export_button.click(on_gpu(handlers.export), inputs, [export_files], api_name="export", **work)
+        compare_button.click(on_gpu(handlers.compare), [model, image, label, compare_methods_box, map_a, map_b],
+                             [pareto_gflops, pareto_speed, compare_maps], api_name="compare", **work)
     return demo

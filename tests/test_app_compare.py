@@ -1,0 +1,38 @@
+"""The app's comparison of token reducers on one image (issue 6)."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from algm_viz.app.ui import Handlers
+from test_app_session import scene, tiny_registry, write
+
+
+@pytest.fixture(scope="module")
+def handlers():
+    return Handlers(tiny_registry())
+
+
+def test_compare_gives_two_pareto_plots_and_side_by_side_maps(handlers, tmp_path):
+    image = write(tmp_path, "scene.png", scene())
+    gflops, speed, maps = handlers.compare("untrained", image, None, ["algm", "pool2d", "cts"], "algm:0.5", "pool2d:2")
+    names = {trace.name for trace in gflops.data}
+    assert names == {"algm", "pool2d", "cts", "baseline"}
+    assert {trace.name for trace in speed.data} == names
+    assert speed.layout.xaxis.title.text.startswith("throughput")
+    assert "agreement" in gflops.layout.yaxis.title.text
+    picture = np.asarray(Image.open(maps))
+    assert picture.shape[1] >= 2 * 64  # two panels side by side
+
+
+@pytest.mark.parametrize(
+    "methods, map_a, message",
+    [([], "algm:0.9", "at least one method"), (["algm"], "magic:3", "METHOD:VALUE"), (["algm"], "tome:x", "METHOD:VALUE")],
+)
+def test_compare_refuses_bad_requests_clearly(handlers, tmp_path, methods, map_a, message):
+    image = write(tmp_path, "scene.png", scene())
+    with pytest.raises(gr.Error, match=message):
+        handlers.compare("untrained", image, None, methods, map_a, "tome:8")

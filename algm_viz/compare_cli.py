@@ -25,7 +25,7 @@ from .evaluation.inference import default_short_side, prepare, resized_shape
 from .evaluation.sweep import SweepConfig, available_methods, parse_taus, sweep
 from .methods import METHODS, apply_method
 from .models.loading import load_model
-from .patch import algm_state, remove_algm
+from .patch import algm_state, merging_restored, remove_algm
 from .plots import pareto_figure, rows_to_csv, write_html
 
 __all__ = ["OneImage", "compare", "merge_maps", "parse_spec"]
@@ -73,15 +73,15 @@ def compare(
     """Sweep rows (see :mod:`algm_viz.plots`) for the baseline and every method × knob value on
     ``image`` ``[H, W, 3]``; ``miou`` is against ``label`` (ignore = 255) or else the baseline's prediction."""
     short_side = short_side or default_short_side(model)
-    if label is None:
-        remove_algm(model)
-        label = _predict(model, image, short_side).astype(np.uint8)
-    data = OneImage(image, label, _class_names(model), repeats)
     config = SweepConfig(
         taus=list(taus) if taus is not None else list(METHODS["algm"].values), methods=["baseline", *methods],
         values=dict(values or {}), short_side=short_side, warmup=1, flops_images=1,
     )
-    return sweep(model, data, config, progress=False)
+    with merging_restored(model):
+        if label is None:
+            remove_algm(model)
+            label = _predict(model, image, short_side).astype(np.uint8)
+        return sweep(model, OneImage(image, label, _class_names(model), repeats), config, progress=False)
 
 
 def _predict(model: nn.Module, image: np.ndarray, short_side: int | None) -> np.ndarray:
@@ -95,14 +95,13 @@ def _predict(model: nn.Module, image: np.ndarray, short_side: int | None) -> np.
 def merge_maps(model: nn.Module, image: np.ndarray, specs: Sequence[tuple[str, float]], short_side: int | None = None) -> np.ndarray:
     """``[h, n·w, 3]`` uint8: for each ``(method, value)``, the final merge groups painted on the model
     input (one colour per merged group, unmerged patches clear), side by side, each titled."""
-    previous = algm_state(model)
     short_side = short_side or default_short_side(model)
     height, width = resized_shape(*image.shape[:2], short_side)
     shown = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA) if (height, width) != image.shape[:2] else image
     patch = model.patch_size
     grid = (-(-height // patch), -(-width // patch))
     panels = []
-    try:
+    with merging_restored(model):
         for method, value in specs:
             apply_method(model, method, value)
             model(prepare(model, shown, None))
@@ -116,13 +115,6 @@ def merge_maps(model: nn.Module, image: np.ndarray, specs: Sequence[tuple[str, f
             kept = int(groups.max()) + 1
             title = f"{METHODS[method].label}, {METHODS[method].knob} = {value:g}: {kept}/{groups.size} tokens"
             panels.append(_titled(panel, title))
-    finally:
-        remove_algm(model)
-        if previous is not None:
-            from .patch import apply_merging
-
-            apply_merging(model, previous.stages, prop_attn=previous.prop_attn, batch_min=previous.batch_min,
-                          policy=previous.policy, config=previous.config)
     return np.concatenate(panels, axis=1)
 
 

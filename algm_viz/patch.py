@@ -13,8 +13,9 @@ attention residual. Prefix tokens (class/register tokens) are never merged. Afte
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ __all__ = [
     "apply_merging",
     "colour_homogeneity_policy",
     "find_vit",
+    "merging_restored",
     "remove_algm",
     "set_thresholds",
 ]
@@ -498,6 +500,20 @@ def set_thresholds(model: nn.Module, local_threshold: float | None = None, globa
     changes = {"local_threshold": local_threshold, "global_threshold": global_threshold}
     state.config = replace(state.config, **{key: value for key, value in changes.items() if value is not None})
     state.stages = tuple(state.config.stages())
+
+
+@contextmanager
+def merging_restored(model: nn.Module) -> Iterator[None]:
+    """Within the block, merging may be applied, changed or removed freely; on exit ``model`` gets back
+    the merging it had on entry (none, if it had none)."""
+    saved = algm_state(model)
+    try:
+        yield
+    finally:
+        remove_algm(model)
+        if saved is not None:
+            apply_merging(model, saved.stages, prop_attn=saved.prop_attn, batch_min=saved.batch_min,
+                          policy=saved.policy, config=saved.config)
 
 
 def remove_algm(model: nn.Module) -> nn.Module:

@@ -59,3 +59,13 @@ def test_compare_command_writes_json_csv_html_png(tmp_path):
     assert result["quality"].startswith("agreement")
     for suffix in (".csv", ".html", ".png"):
         assert out.with_suffix(suffix).stat().st_size > 0
+
+
+def test_compare_and_merge_maps_leave_the_models_merging_as_it_was():
+    from algm_viz import algm_state, apply_algm
+
+    model = apply_algm(tiny_model(), local_threshold=0.7, global_threshold=0.8)
+    config = algm_state(model).config
+    compare(model, scene(), ["tome"], taus=[0.5], values={"tome": [2]}, repeats=1)
+    merge_maps(model, scene(), [("tome", 2.0), ("cts", 0.5)])
+    assert algm_state(model).config == config

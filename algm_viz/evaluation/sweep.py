@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..datasets import IGNORE_INDEX
 from ..flops import count_gflops
 from .. import methods as engine_methods
-from ..patch import algm_state, apply_algm, apply_merging, find_vit, remove_algm
+from ..patch import algm_state, apply_algm, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
 from .inference import default_short_side, prepare
 from .metrics import confusion_matrix, miou
@@ -266,24 +266,15 @@ def _row(method: str, value: float | str | None, result: dict[str, Any], state: 
     }
 
 
-def _restore(model: nn.Module, state: Any) -> None:
-    """Put back the merging ``state`` (None: no merging) that ``model`` had before the sweep."""
-    remove_algm(model)
-    if state is not None:
-        apply_merging(model, state.stages, prop_attn=state.prop_attn, batch_min=state.batch_min,
-                      policy=state.policy, config=state.config)
-
-
 def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context | None = None,
           *, progress: bool = True) -> list[dict[str, Any]]:
     """Rows (see :mod:`algm_viz.plots`) for the baseline and every method × knob value of ``config``,
     plus ``"knob"``, ``"value"``, ``"images"`` and the ``"confusion"`` matrix. The model's merging
     configuration is restored afterwards."""
     context = context or Context(0, 1, torch.device("cpu"))
-    previous = algm_state(model)
     model.eval()
     rows = []
-    try:
+    with merging_restored(model):
         for method, value in tqdm(config.runs(), desc="sweep", disable=not (progress and context.is_main) or None):
             configure_method(model, method, value, config)
             label = method if value is None else f"{method} {knob(method)}={value}"
@@ -291,6 +282,4 @@ def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context 
             rows.append(_row(method, value, result, algm_state(model)))
             logger.info("%s: mIoU %.2f, %.2f images/s, %.2f GFLOPs", label, rows[-1]["miou"],
                         rows[-1]["images_per_s"], rows[-1]["gflops"])
-    finally:
-        _restore(model, previous)
     return rows

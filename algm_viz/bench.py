@@ -17,14 +17,17 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import apply_algm, algm_state, remove_algm
+from .datasets import read_image
 from .flops import count_gflops
 from .models.segmenter import DECODERS
+from .preprocess import normalize
 from .timing import Timing, time_once
 
 log = logging.getLogger(__name__)
@@ -46,13 +49,8 @@ def synthetic_scenes(batch: int, height: int, width: int, seed: int = 0) -> torc
 
 
 def image_batch(path: str, batch: int, height: int, width: int, mean_std: tuple) -> torch.Tensor:
-    from .datasets import read_image
-    from .preprocess import normalize
-
-    image = read_image(path)
-    import cv2
-
-    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    """``[B, 3, H, W]``: the image at ``path`` resized to ``(height, width)``, normalised, ``batch`` times."""
+    image = cv2.resize(read_image(path), (width, height), interpolation=cv2.INTER_AREA)
     return normalize(image, *mean_std).expand(batch, -1, -1, -1).contiguous()
 
 

@@ -63,6 +63,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("algm", "ALGM (CLAP + GBM)", "τ", TAUS, _algm_layers, algm=True),
+        Method("algm_prop", "ALGM + proportional attention", "τ", TAUS, _algm_layers, algm=True, prop_attn=True,
+               note="Attention weighs a merged key by the patches it stands for (log-size key bias, as ToMe)."),
         Method("clap", "ALGM: CLAP only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"global_layer": None, **o}), algm=True),
         Method("gbm", "ALGM: GBM only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"local_layer": None, **o}), algm=True),
         Method("gbm1", "ALGM: GBM in layer 1", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"local_layer": None, "global_layer": 1, **o}), algm=True),
@@ -89,6 +91,7 @@ def apply_method(model: nn.Module, name: str, value: float, *, policy: SharePoli
     if method.algm:
         window = options.pop("window", (2, 2))
         local_layer, global_layer = method.build(depth, **options)
-        return apply_algm(model, local_layer, global_layer, window, local_threshold=value, global_threshold=value)
+        return apply_algm(model, local_layer, global_layer, window, local_threshold=value, global_threshold=value,
+                          prop_attn=method.prop_attn)
     stages = method.build(value, depth, **options)
     return apply_merging(model, stages, prop_attn=method.prop_attn, policy=policy)

@@ -43,6 +43,8 @@ def row_threshold(row: Row) -> float | None:
 
 
 def _label(row: Row) -> str:
+    if row.get("value") == "auto":
+        return f"calibrated τ ({row['local_threshold']:g}, {row['global_threshold']:g})"
     tau = row_threshold(row)
     if tau is not None:
         return f"τ = {tau:g}"
@@ -67,12 +69,14 @@ def _spread(rows: Sequence[Row]) -> dict[str, Any] | None:
 
 def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_label: str = "mIoU (%)") -> go.Figure:
     """mIoU (left axis, solid) and images/s (right axis, dashed, p25–p75 error bars) against τ, one colour
-    per τ method (methods with another knob are left out); the baseline as horizontal reference lines;
-    ``current`` τ as a vertical marker."""
+    per τ method (methods with another knob are left out); a calibrated (local, global) pair (``value`` =
+    ``"auto"``) as a star at its local τ; the baseline as horizontal reference lines; ``current`` τ as a
+    vertical marker."""
     figure = make_subplots(specs=[[{"secondary_y": True}]])
     tau_methods = [m for m in _methods(rows) if any(r["method"] == m and row_threshold(r) is not None for r in rows)]
     for color, method in zip(_PALETTE * 4, tau_methods):
-        points = sorted((r for r in rows if r["method"] == method and row_threshold(r) is not None), key=row_threshold)
+        measured = [r for r in rows if r["method"] == method and row_threshold(r) is not None]
+        points = sorted((r for r in measured if r.get("value") != "auto"), key=row_threshold)
         taus = [row_threshold(r) for r in points]
         figure.add_trace(
             go.Scatter(x=taus, y=[r["miou"] for r in points], mode="lines+markers", name=f"{method} {quality_label}",
@@ -85,6 +89,14 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
                        legendgroup=method),
             secondary_y=True,
         )
+        for row in (r for r in measured if r.get("value") == "auto"):
+            pair = f"calibrated τ: local {row['local_threshold']:.3f}, global {row['global_threshold']:.3f}"
+            figure.add_trace(
+                go.Scatter(x=[row_threshold(row)], y=[row["miou"]], mode="markers", name=f"{method} at the {pair}",
+                           marker={"color": color, "symbol": "star", "size": 14, "line": {"color": "black", "width": 1}},
+                           legendgroup=method),
+                secondary_y=False,
+            )
     for base in (r for r in rows if r["method"] == "baseline"):
         figure.add_hline(y=base["miou"], line={"color": "black", "width": 1}, secondary_y=False,
                          annotation_text=f"baseline {quality_label} {base['miou']:.2f}", annotation_position="bottom left")

@@ -50,9 +50,9 @@ def server(tmp_path_factory):
     demo.close()
 
 
-def analyze(url: str, image: str, tau: float, window: int) -> dict:
+def analyze(url: str, image: str, tau: float, window: int, prop_attn: bool = False) -> dict:
     client = Client(url, verbose=False)
-    result = client.predict("untrained", handle_file(image), None, tau, tau, window, 5, api_name="/analyze")
+    result = client.predict("untrained", handle_file(image), None, tau, tau, window, 5, prop_attn, api_name="/analyze")
     return result[6]
 
 
@@ -64,14 +64,14 @@ def test_named_endpoints(server):
 
 def test_ten_concurrent_clients_get_their_own_answers(server):
     url, images, _ = server
-    jobs = [(images[i], (0.65, 0.75, 0.85, 0.95)[i % 4], 2 + i % 2) for i in range(CLIENTS)]
+    jobs = [(images[i], (0.65, 0.75, 0.85, 0.95)[i % 4], 2 + i % 2, i % 3 == 0) for i in range(CLIENTS)]
     alone = [analyze(url, *job) for job in jobs]
     with ThreadPoolExecutor(CLIENTS) as pool:
         together = list(pool.map(lambda job: analyze(url, *job), jobs))
-    keys = ("tokens", "thresholds", "window", "agreement_miou", "image_size")
+    keys = ("tokens", "thresholds", "window", "proportional_attention", "agreement_miou", "image_size")
     for job, a, b in zip(jobs, alone, together):
         assert {k: b[k] for k in keys} == {k: a[k] for k in keys}, f"mixed-up answer for {job}"
-        assert a["thresholds"]["local"] == job[1] and a["window"] == job[2]
+        assert a["thresholds"]["local"] == job[1] and a["window"] == job[2] and a["proportional_attention"] == job[3]
     assert len({str(r["tokens"]) for r in alone}) > 1, "the jobs differ, so must the answers"
 
 
@@ -104,7 +104,7 @@ def test_nan_through_the_http_api_is_refused_clearly(server):
     with open(images[0], "rb") as handle:
         uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": handle}).json()[0]
     image = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
-    body = '{"data": ["untrained", %s, null, NaN, 0.9, 2, 5]}' % json.dumps(image)
+    body = '{"data": ["untrained", %s, null, NaN, 0.9, 2, 5, false]}' % json.dumps(image)
     event = httpx.post(f"{url}gradio_api/call/analyze", content=body, headers={"Content-Type": "application/json"}).json()
     stream = httpx.get(f"{url}gradio_api/call/analyze/{event['event_id']}", timeout=60).text
     assert "event: error" in stream and "local_threshold" in stream

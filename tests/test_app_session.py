@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from algm_viz import algm_state
 from algm_viz.app import analysis
 from algm_viz.app.gpu import gpu
 from algm_viz.app.inputs import read_image_file, resize_for_model
@@ -88,6 +89,7 @@ def test_read_image_file_handles_16bit_gray_rgba_and_rejects_corrupt(tmp_path):
     (dict(window=0), "window"),
     (dict(global_layer=7), "global_layer"),
     (dict(window=2.5), "whole number"),
+    (dict(prop_attn="yes"), "prop_attn"),
 ])
 def test_settings_reject_bad_values(bad, message):
     values = dict(local_threshold=0.9, global_threshold=0.9, window=2, global_layer=5) | bad
@@ -119,6 +121,20 @@ def test_readout_matches_the_merge(registry):
     assert merged.readout["gflops"]["algm"] < merged.readout["gflops"]["baseline"]
     assert not (merged.local_overlay == session.image).all()
     assert merged.readout["kept_percent"]["global"] == pytest.approx(100 * tokens["global"] / tokens["patches"])
+
+
+def test_proportional_attention_is_a_setting_of_its_own(registry):
+    entry = registry.get("untrained")
+    session = ImageSession(entry, scene())
+    plain = analysis.analyze(session, Settings(0.3, 0.3), with_gflops=False)
+    weighted = analysis.analyze(session, Settings(0.3, 0.3, prop_attn=True), with_gflops=False)
+    assert algm_state(entry.model).prop_attn is True
+    assert (plain.readout["proportional_attention"], weighted.readout["proportional_attention"]) == (False, True)
+    assert "proportional attention" in analysis.readout_markdown(weighted.readout)
+    assert plain.readout["tokens"]["local"] == weighted.readout["tokens"]["local"]  # CLAP runs before any weighting
+    _, rows = analysis.curve(session, Settings(0.3, 0.3, prop_attn=True), [0.3])
+    assert [r["method"] for r in rows] == ["baseline", "algm_prop"]
+    assert rows[1]["miou"] == pytest.approx(weighted.readout["agreement_miou"])
 
 
 def test_label_map_gives_real_miou(registry):

@@ -87,6 +87,18 @@ def test_every_method_runs_in_batches_on_non_square_images(name):
     assert record.stages or record.kv_stages
 
 
+def test_algm_prop_is_algm_with_size_weighted_attention():
+    images = smooth_images(2, 64, 96, seed=1)
+    outputs = {}
+    for name in ("algm", "algm_prop"):
+        model = apply_method(tiny_segmenter(), name, 0.5)
+        with torch.no_grad():
+            outputs[name] = model(images)
+        assert algm_state(model).prop_attn is (name == "algm_prop")
+        assert algm_state(model).record.stages
+    assert not torch.allclose(outputs["algm"], outputs["algm_prop"])
+
+
 def test_tome_removes_exactly_r_tokens_per_layer():
     model = apply_method(tiny_segmenter(), "tome", 3)
     with torch.no_grad():

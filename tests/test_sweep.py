@@ -1,6 +1,7 @@
 """τ sweep: mIoU equal to an independent computation, token bookkeeping, config restored, CLI outputs."""
 
 import csv
+import importlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from algm_viz.evaluation.inference import predict_logits
 from algm_viz.evaluation.sweep import SweepConfig, parse_taus, sweep
 from algm_viz.models import create_segmenter, save_segmenter
 from algm_viz.plots import pareto_figure, rows_to_csv, threshold_figure
+
+sweep_module = importlib.import_module("algm_viz.evaluation.sweep")
 
 CLASSES = ["a", "b", "c"]
 NET = {"backbone": "vit_tiny_patch16_384", "d_model": 64, "n_heads": 2, "n_layers": 6, "patch_size": 16, "image_size": 64,
@@ -99,6 +102,17 @@ def test_methods_limit_and_restored_config(data):
     assert clap["images"] == 2 and np.isnan(clap["gflops"])
 
 
+def test_algm_prop_sweeps_with_proportional_attention(data, monkeypatch):
+    model = _model()
+    seen = []
+    original = sweep_module.evaluate
+    monkeypatch.setattr(sweep_module, "evaluate", lambda m, *a, **k: seen.append(algm_state(m).prop_attn) or original(m, *a, **k))
+    rows = sweep(model, data, SweepConfig(taus=[0.5], methods=["algm", "algm_prop"], warmup=0, flops_images=0, limit=2),
+                 progress=False)
+    assert seen == [False, True]
+    assert [(r["method"], r["local_threshold"], r["global_threshold"]) for r in rows] == [("algm", 0.5, 0.5), ("algm_prop", 0.5, 0.5)]
+
+
 def test_other_engine_methods_sweep_their_own_knob(data):
     model = _model()
     config = SweepConfig(taus=[0.9], methods=["baseline", "tome"], values={"tome": [0, 3]}, warmup=0, flops_images=1,
@@ -164,14 +178,18 @@ def test_figures_from_rows(tmp_path):
            "images_per_s": 20 - 5 * t, "images_per_s_spread": [18 - 5 * t, 21 - 5 * t], "gflops": 2 + t,
            "tokens": {"patches": 10, "local": 8, "global": 6}} for t in (0.9, 0.8)),
     ]
-    figure = threshold_figure(rows, current=0.85)
-    assert [trace.name for trace in figure.data] == ["algm mIoU (%)", "algm images/s"]
-    assert list(figure.data[0].x) == [0.8, 0.9]
+    calibrated = {**rows[1], "value": "auto", "local_threshold": 0.95, "global_threshold": 0.7, "miou": 45.0, "gflops": 2.5}
+    figure = threshold_figure(rows + [calibrated], current=0.85)
+    assert [trace.name for trace in figure.data] == [
+        "algm mIoU (%)", "algm images/s", "algm at the calibrated τ: local 0.950, global 0.700"]
+    assert list(figure.data[0].x) == [0.8, 0.9]  # the calibrated pair is a star of its own, not a line point
+    assert (list(figure.data[2].x), list(figure.data[2].y)) == ([0.95], [45.0])
     assert list(figure.data[1].error_y.array) == pytest.approx([1.0, 1.0])
     shapes = figure.layout.shapes
     assert len(shapes) == 3  # two baseline lines, one current-τ marker
-    pareto = pareto_figure(rows, "gflops")
-    assert [t.name for t in pareto.data] == ["algm", "baseline"] and list(pareto.data[0].x) == [2.8, 2.9]
+    pareto = pareto_figure(rows + [calibrated], "gflops")
+    assert [t.name for t in pareto.data] == ["algm", "baseline"] and list(pareto.data[0].x) == [2.5, 2.8, 2.9]
+    assert pareto.data[0].text[0] == "calibrated τ (0.95, 0.7)"
     with pytest.raises(ValueError):
         pareto_figure(rows, "tokens")
     path = rows_to_csv(rows, tmp_path / "rows.csv", ["x", "y"])

@@ -174,3 +174,21 @@ def test_init_weights_skip_tensors_that_do_not_fit(tmp_path):
     torch.testing.assert_close(target.encoder.blocks[0].attn.qkv.weight, source.encoder.blocks[0].attn.qkv.weight)
     with pytest.raises(FileNotFoundError):
         load_init_weights(target, tmp_path / "missing")
+
+
+def test_init_weights_resample_the_position_embedding_to_another_grid(tmp_path):
+    """A 4x6 grid embedding whose value is the row index stays a row ramp on the target's 6x4 grid."""
+    source = create_segmenter(num_classes=3, image_size=(64, 96), **TINY)
+    prefix = source.encoder.num_prefix_tokens
+    with torch.no_grad():
+        source.encoder.pos_embed[:, :prefix] = 7.0
+        rows = torch.arange(4.0).view(4, 1, 1).expand(4, 6, 64).reshape(1, 24, 64)
+        source.encoder.pos_embed[:, prefix:] = rows
+    torch.save({"model": source.state_dict(), "model_config": {"image_size": [64, 96]}}, tmp_path / "best.pt")
+    target = create_segmenter(num_classes=3, image_size=(96, 64), **TINY)
+    assert load_init_weights(target, tmp_path) == []
+    embedding = target.encoder.pos_embed.detach()
+    torch.testing.assert_close(embedding[:, :prefix], torch.full((1, prefix, 64), 7.0))
+    grid = embedding[0, prefix:, 0].view(6, 4)
+    torch.testing.assert_close(grid, grid[:, :1].expand(6, 4))  # constant along a row
+    assert torch.all(grid[1:, 0] > grid[:-1, 0]) and grid[0, 0] < 0.5 and grid[-1, 0] > 2.5

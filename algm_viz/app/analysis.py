@@ -59,6 +59,7 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
         "window": settings.window,
         "local_layer": settings.local_layer,
         "global_layer": settings.global_layer,
+        "proportional_attention": settings.prop_attn,
         "tokens": dict(tokens),
         "kept_percent": {"local": _percent(tokens["local"], tokens["patches"]),
                          "global": _percent(tokens["global"], tokens["patches"])},
@@ -88,7 +89,8 @@ def readout_markdown(readout: dict[str, Any]) -> str:
     lines = [
         f"**Tokens** {tokens['patches']} → {tokens['local']} → {tokens['global']} "
         f"({kept['local']:.1f} % → {kept['global']:.1f} % kept) · τ local {tau['local']:.3f}, global {tau['global']:.3f}, "
-        f"{readout['window']}×{readout['window']} windows, GBM at layer {readout['global_layer']}",
+        f"{readout['window']}×{readout['window']} windows, GBM at layer {readout['global_layer']}"
+        + (", proportional attention" if readout["proportional_attention"] else ""),
         f"**Latency** baseline {latency['baseline']:.1f} ms · ALGM {latency['algm']:.1f} ms "
         f"({latency['baseline'] / max(latency['algm'], 1e-9):.2f}×) on `{readout['device']}`, "
         f"{readout['image_size'][0]}×{readout['image_size'][1]} input",
@@ -112,7 +114,7 @@ def curve(session: ImageSession, settings: Settings,
     """Per-image agreement mIoU, throughput and GFLOPs against τ (window and layer of ``settings``),
     with ``settings``' local τ marked. Returns the figure and its rows."""
     settings = settings.validated(session.entry.depth)
-    rows = session.curve_rows(thresholds, settings.window, settings.global_layer)
+    rows = session.curve_rows(thresholds, settings.window, settings.global_layer, settings.prop_attn)
     figure = threshold_figure(rows, current=settings.local_threshold, quality_label="agreement mIoU (%)")
     figure.add_trace(go.Scatter(x=[r["local_threshold"] for r in rows[1:]], y=[r["gflops"] for r in rows[1:]],
                                 mode="lines+markers", name="algm GFLOPs", line={"color": "#2ca02c", "dash": "dot"},

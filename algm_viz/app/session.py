@@ -71,13 +71,15 @@ class LRU(Generic[V]):
 
 @dataclass(frozen=True)
 class Settings:
-    """One ALGM configuration: τ per stage, square CLAP window side, 1-based layers."""
+    """One ALGM configuration: τ per stage, square CLAP window side, 1-based layers, and whether attention
+    weighs a merged token by the patches it holds (``prop_attn``)."""
 
     local_threshold: float
     global_threshold: float
     window: int = 2
     global_layer: int = 5
     local_layer: int = 1
+    prop_attn: bool = False
 
     def validated(self, depth: int) -> "Settings":
         """``self`` with plain Python numbers, or ``ValueError`` saying what is wrong."""
@@ -104,7 +106,9 @@ class Settings:
             values[name] = value
         if values["global_layer"] < values["local_layer"]:
             raise ValueError("the global layer must not come before the local layer (layer 1)")
-        return Settings(**values)
+        if not isinstance(self.prop_attn, (bool, np.bool_)):
+            raise ValueError(f"prop_attn must be true or false, got {self.prop_attn!r}")
+        return Settings(**values, prop_attn=bool(self.prop_attn))
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def _configure(entry: ModelEntry, settings: Settings | None) -> None:
         remove_algm(entry.model)
     else:
         apply_algm(entry.model, settings.local_layer, settings.global_layer, (settings.window, settings.window),
-                   settings.local_threshold, settings.global_threshold)
+                   settings.local_threshold, settings.global_threshold, prop_attn=settings.prop_attn)
 
 
 def run_forward(entry: ModelEntry, images: torch.Tensor, settings: Settings | None) -> ForwardResult:
@@ -267,9 +271,11 @@ class ImageSession:
             return None
         return _miou(prediction, self.label, self.entry.model.num_classes)[0]
 
-    def curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int) -> list[dict[str, Any]]:
-        """One row per τ (the same τ for both stages), in the schema of the evaluation command, with
-        ``miou`` = agreement with the baseline (%) and throughput from this image's latency."""
+    def curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
+                   prop_attn: bool = False) -> list[dict[str, Any]]:
+        """One row per τ (the same τ for both stages), in the schema of the evaluation command (method
+        ``algm``, or ``algm_prop`` with ``prop_attn``), with ``miou`` = agreement with the baseline (%) and
+        throughput from this image's latency."""
         baseline = self.baseline()
         rows = [{
             "method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 100.0,
@@ -278,11 +284,11 @@ class ImageSession:
             "tokens": dict.fromkeys(("patches", "local", "global"), self.num_patches),
         }]
         for tau in thresholds:
-            settings = Settings(tau, tau, window, global_layer)
+            settings = Settings(tau, tau, window, global_layer, prop_attn=prop_attn)
             result = self.algm(settings)
             miou, per_class = self.agreement(result.prediction)
             rows.append({
-                "method": "algm",
+                "method": "algm_prop" if prop_attn else "algm",
                 "local_threshold": float(tau),
                 "global_threshold": float(tau),
                 "miou": miou,

@@ -163,40 +163,40 @@ class Handlers:
         choices = self.registry.choices() + [(entry.label, key)]
         return gr.Dropdown(choices=choices, value=key)
 
-    def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int) -> Settings:
-        return Settings(local_tau, global_tau, window, global_layer)
+    def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int, prop_attn: bool) -> Settings:
+        return Settings(local_tau, global_tau, window, global_layer, prop_attn=prop_attn)
 
     @user_errors
     def analyze(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int):
+                window: int, global_layer: int, prop_attn: bool = False):
         """-> (CLAP overlay, GBM overlay, (baseline, ALGM) segmentation, disagreement, legend, readout Markdown, readout dict)."""
         if not image:
             return None, None, None, None, None, "Upload an image or pick an example.", None
         session = self._session(model, image, label)
-        result = analysis.analyze(session, self.settings(local_tau, global_tau, window, global_layer), self.with_gflops)
+        result = analysis.analyze(session, self.settings(local_tau, global_tau, window, global_layer, prop_attn), self.with_gflops)
         save = self.pictures.save
         return (save(result.local_overlay), save(result.global_overlay), (save(result.baseline_overlay), save(result.algm_overlay)),
                 save(result.disagreement), save(result.legend), analysis.readout_markdown(result.readout), result.readout)
 
     @user_errors
     def curve(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-              window: int, global_layer: int):
+              window: int, global_layer: int, prop_attn: bool = False):
         """-> (per-image τ curve figure, dataset curve figure or None)."""
         if not image:
             return None, None
         session = self._session(model, image, label)
-        settings = self.settings(local_tau, global_tau, window, global_layer)
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
         figure, _ = analysis.curve(session, settings, self.thresholds)
         return figure, analysis.dataset_curve(session.entry.sweep_rows, float(local_tau))
 
     @user_errors
     def balance(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int):
+                window: int, global_layer: int, prop_attn: bool = False):
         """-> (attention-balance figure, one-line summary)."""
         if not image:
             return None, ""
         session = self._session(model, image, label)
-        figure, summary, _ = analysis.balance(session, self.settings(local_tau, global_tau, window, global_layer))
+        figure, summary, _ = analysis.balance(session, self.settings(local_tau, global_tau, window, global_layer, prop_attn))
         return figure, summary
 
     @user_errors
@@ -222,12 +222,12 @@ class Handlers:
 
     @user_errors
     def export(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-               window: int, global_layer: int) -> list[str]:
+               window: int, global_layer: int, prop_attn: bool = False) -> list[str]:
         """Write the figures' data: readout JSON, per-image curve CSV + JSON, attention balance JSON."""
         if not image:
             raise gr.Error("nothing to export yet: upload an image first")
         session = self._session(model, image, label)
-        settings = self.settings(local_tau, global_tau, window, global_layer)
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
         readout = analysis.analyze(session, settings, self.with_gflops).readout
         _, rows = analysis.curve(session, settings, self.thresholds)
         _, _, stats = analysis.balance(session, settings)
@@ -283,6 +283,9 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_d
         with gr.Row():
             window = gr.Radio([1, 2, 3, 4], value=2, label="CLAP window k×k (1 = no local merging)")
             global_layer = gr.Slider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
+            prop_attn = gr.Checkbox(False, label="Proportional attention",
+                                    info="a merged token weighs in attention as the patches it holds (ToMe); "
+                                         "off = the paper's code")
         readout = gr.Markdown(elem_id="readout")
         panel = {"format": "png", "height": PANEL_HEIGHT}
         with gr.Row(equal_height=True):
@@ -319,7 +322,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_d
             export_files = gr.File(label="Files", file_count="multiple")
         readout_json = gr.JSON(label="Readout (JSON)", visible=False)
 
-        inputs = [model, image, label, local_tau, global_tau, window, global_layer]
+        inputs = [model, image, label, local_tau, global_tau, window, global_layer, prop_attn]
         model_outputs = [local_tau, global_tau, global_layer, model_status, dataset_plot]
         view_outputs = [local_image, global_image, segmentation, disagreement, legend, readout, readout_json]
 
@@ -329,7 +332,8 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_d
             event.then(on_gpu(handlers.curve), inputs, [curve_plot, dataset_plot], **names[0], **work) \
                  .then(on_gpu(handlers.balance), inputs, [balance_plot, balance_summary], **names[1], **work)
 
-        triggers = [image.change, label.change, local_tau.release, global_tau.release, window.change, global_layer.release]
+        triggers = [image.change, label.change, local_tau.release, global_tau.release, window.change, global_layer.release,
+                    prop_attn.change]
         chain(gr.on(triggers, on_gpu(handlers.analyze), inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
         chain(model.change(handlers.select_model, [model], model_outputs, api_name="select_model", **work)

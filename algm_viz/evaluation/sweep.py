@@ -36,12 +36,14 @@ __all__ = ["ALGM_METHODS", "available_methods", "SweepConfig", "parse_taus", "sw
 logger = logging.getLogger(__name__)
 
 #: ALGM and its ablations (paper Tab. 5b), placed by the sweep's ``local_layer``/``global_layer``:
-#: which of the two stages each runs. Every other method of :data:`algm_viz.methods.METHODS`
-#: (ToMe, Segformer++, CTS-style, ...) is swept over its own knob with the registry's defaults.
+#: which of the two stages each runs, and whether attention is proportional to token size. Every other
+#: method of :data:`algm_viz.methods.METHODS` (ToMe, Segformer++, CTS-style, ...) is swept over its own
+#: knob with the registry's defaults.
 ALGM_METHODS: dict[str, dict[str, bool]] = {
-    "algm": {"local": True, "global": True},
-    "clap": {"local": True, "global": False},
-    "gbm": {"local": False, "global": True},
+    "algm": {"local": True, "global": True, "prop_attn": False},
+    "algm_prop": {"local": True, "global": True, "prop_attn": True},
+    "clap": {"local": True, "global": False, "prop_attn": False},
+    "gbm": {"local": False, "global": True, "prop_attn": False},
 }
 _STAGES = ("patches", "local", "global", "final")
 
@@ -151,6 +153,7 @@ def configure_method(model: nn.Module, method: str, value: float | None, config:
             window=config.window,
             local_threshold=None if value == AUTO else value,
             global_threshold=None if value == AUTO else value,
+            prop_attn=stages["prop_attn"],
         )
     else:
         engine_methods.apply_method(model, method, value)

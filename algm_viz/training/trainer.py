@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from timm.layers import resample_abs_pos_embed
 from tqdm import tqdm
 
 from ..datasets import IGNORE_INDEX, SegmentationFolder, open_dataset
 from ..evaluation.metrics import confusion_matrix, miou
 from ..models import Segmenter
 from ..models.bundled import build_from_config
-from ..patch import apply_algm
+from ..patch import apply_algm, find_vit
 from .augment import Augment, resize_short_side
 
 __all__ = ["TrainConfig", "TrainSet", "train", "evaluate", "load_init_weights", "median_frequency_weights"]
@@ -142,7 +143,11 @@ class TrainConfig:
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Copy the tensors of ``path`` whose name and shape match into ``model``; returns the names skipped."""
+    """Copy the tensors of ``path`` whose name and shape match into ``model``; returns the names skipped.
+
+    A position embedding laid out for another image size is resampled to the model's grid first (the
+    source grid comes from the file's model config where it has one, else a square grid is assumed).
+    """
     path = Path(path)
     if path.is_dir():
         candidates = [path / "model.safetensors", path / "checkpoint.pth", path / "best.pt"]
@@ -151,12 +156,18 @@ def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
             raise FileNotFoundError(f"{candidates[0].parent} holds no model.safetensors, checkpoint.pth or best.pt")
     if not path.is_file():
         raise FileNotFoundError(f"initial weights {path} do not exist")
+    model_config: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         state = load_file(str(path))
+        config_file = path.with_name("config.json")
+        if config_file.is_file():
+            model_config = json.loads(config_file.read_text()).get("model", {})
     else:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint.get("model", checkpoint)
+        model_config = checkpoint.get("model_config") or {}
     own = model.state_dict()
+    state = _fit_position_embeddings(model, state, own, model_config.get("image_size"))
     matched = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:
         raise ValueError(f"no tensor of {path} fits this model")
@@ -164,6 +175,38 @@ def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
     skipped = sorted(set(own) - set(matched))
     log.info("initialised %d tensors from %s (%d left at random: %s)", len(matched), path, len(skipped), skipped[:5])
     return skipped
+
+
+def _fit_position_embeddings(model: nn.Module, state: dict[str, Tensor], own: dict[str, Tensor],
+                             source_image_size: Optional[Sequence[int] | int]) -> dict[str, Tensor]:
+    """Resample each ``*pos_embed`` ``[1, P + h*w, C]`` of ``state`` laid out for another grid than the
+    model's to the model's grid (bicubic, the ``P`` prefix tokens kept). The source grid is
+    ``source_image_size // patch`` where known; otherwise a square grid if the token counts differ."""
+    vit = find_vit(model)
+    prefix = 0 if getattr(vit, "no_embed_class", False) else int(getattr(vit, "num_prefix_tokens", 1))
+    patch_h, patch_w = vit.patch_embed.patch_size
+    target_grid = [int(n) for n in vit.patch_embed.grid_size]
+    fitted = dict(state)
+    for name, tensor in state.items():
+        wanted = own.get(name)
+        if not name.endswith("pos_embed") or wanted is None or tensor.ndim != 3 or tensor.shape[-1] != wanted.shape[-1]:
+            continue
+        tokens = tensor.shape[1] - prefix
+        if source_image_size is not None:
+            height, width = (source_image_size,) * 2 if isinstance(source_image_size, int) else source_image_size
+            source_grid = [int(height) // patch_h, int(width) // patch_w]
+        elif tensor.shape != wanted.shape:
+            source_grid = [math.isqrt(tokens)] * 2
+        else:
+            continue
+        if source_grid == target_grid:
+            continue
+        if source_grid[0] * source_grid[1] != tokens:
+            log.warning("%s holds %d grid tokens, not a %dx%d grid: left at random", name, tokens, *source_grid)
+            continue
+        fitted[name] = resample_abs_pos_embed(tensor.float(), target_grid, source_grid, num_prefix_tokens=prefix)
+        log.info("resampled %s from a %dx%d to a %dx%d grid", name, *source_grid, *target_grid)
+    return fitted
 
 
 class TrainSet(Dataset):

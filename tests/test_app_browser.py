@@ -80,6 +80,9 @@ def test_upload_then_release_tau_updates_overlays_readout_and_plot(url, tmp_path
             arg=before["local"], timeout=TIMEOUT_MS)
         after = _state(page)
         page.screenshot(path=str(tmp_path / "after.png"), full_page=True)
+        page.locator("#prop-attn input[type=checkbox]").check()
+        page.wait_for_function("document.querySelector('#readout').innerText.includes('proportional attention')",
+                               timeout=TIMEOUT_MS)
         browser.close()
     assert after["readout"] != before["readout"] and "Tokens" in after["readout"]
     assert after["local"] != before["local"] and after["global"] != before["global"]

@@ -283,7 +283,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_d
         with gr.Row():
             window = gr.Radio([1, 2, 3, 4], value=2, label="CLAP window k×k (1 = no local merging)")
             global_layer = gr.Slider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
-            prop_attn = gr.Checkbox(False, label="Proportional attention",
+            prop_attn = gr.Checkbox(False, label="Proportional attention", elem_id="prop-attn",
                                     info="a merged token weighs in attention as the patches it holds (ToMe); "
                                          "off = the paper's code")
         readout = gr.Markdown(elem_id="readout")

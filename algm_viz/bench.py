@@ -25,6 +25,7 @@ from torch import nn
 
 from . import apply_algm, algm_state, remove_algm
 from .datasets import read_image
+from .evaluation.sweep import AUTO
 from .flops import count_gflops
 from .models.segmenter import DECODERS
 from .preprocess import normalize
@@ -86,15 +87,16 @@ def describe(model: nn.Module, images: torch.Tensor, e2e: Timing, network: Timin
         row["engine_ms"] = engine_ms(model, images) / batch
         row["engine_fraction"] = row["engine_ms"] / row["ms_median"]
     else:
-        grid = model.encoder.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
-        row["tokens"] = {"patches": float(grid[0] * grid[1])}
+        patch_h, patch_w = model.encoder.patch_embed.patch_size  # the Segmenter pads images to whole patches
+        height, width = images.shape[-2:]
+        row["tokens"] = {"patches": float(-(-height // patch_h) * -(-width // patch_w))}
     return row
 
 
 def run_benchmark(
     model: nn.Module,
     images: torch.Tensor,
-    taus: list[float],
+    taus: list[float | str],
     *,
     window: tuple[int, int] = (2, 2),
     global_layer: int = 5,
@@ -102,7 +104,8 @@ def run_benchmark(
     warmup: int = 3,
     compare_batch_min: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows for the baseline, then ALGM at each τ (same τ for CLAP and GBM).
+    """Rows for the baseline, then ALGM at each τ (same τ for CLAP and GBM; ``"auto"``: the model's
+    calibrated (local, global) pair). Each ALGM row's ``thresholds`` is the (local, global) pair it ran at.
 
     The configurations are timed side by side: each of the ``repeats`` rounds times one end-to-end and
     one network call of every configuration in turn, so that drifts of the machine hit all alike.
@@ -110,11 +113,13 @@ def run_benchmark(
     variants = [("algm", False)] + ([("algm-batch-min", True)] if compare_batch_min else [])
     configs = [("baseline", None, False)] + [(m, tau, b) for tau in taus for m, b in variants]
 
-    def configure(method: str, tau: float | None, batch_min: bool) -> None:
+    def configure(method: str, tau: float | str | None, batch_min: bool) -> None:
         if method == "baseline":
             remove_algm(model)
         else:
-            apply_algm(model, window=window, global_layer=global_layer, local_threshold=tau, global_threshold=tau, batch_min=batch_min)
+            value = None if tau == AUTO else tau  # None: the model's calibrated τ
+            apply_algm(model, window=window, global_layer=global_layer, local_threshold=value, global_threshold=value,
+                       batch_min=batch_min)
 
     device = images.device
     samples: dict[tuple, tuple[list[float], list[float]]] = {config: ([], []) for config in configs}
@@ -132,7 +137,10 @@ def run_benchmark(
         for config in configs:
             configure(*config)
             e2e, network = (Timing.from_samples(s) for s in samples[config])
-            rows.append({"method": config[0], "tau": config[1], **describe(model, images, e2e, network)})
+            state = algm_state(model)
+            thresholds = None if state is None else [state.config.local_threshold, state.config.global_threshold]
+            rows.append({"method": config[0], "tau": config[1], "thresholds": thresholds,
+                         **describe(model, images, e2e, network)})
         remove_algm(model)
     baseline = rows[0]
     for row in rows[1:]:
@@ -190,6 +198,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tau(text: str) -> float | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"τ must be a number or {AUTO!r}, got {text!r}") from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="time baseline vs ALGM forward passes (prints JSON)", description=__doc__)
     parser.add_argument("--model", help="bundled model name/folder or official checkpoint; default: untrained --backbone")
@@ -200,7 +217,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95], help="τ values (CLAP and GBM)")
+    parser.add_argument("--taus", type=_tau, nargs="+", default=[0.8, 0.9, 0.95],
+                        help="τ values (CLAP and GBM); 'auto' = the model's calibrated (local, global) pair")
     parser.add_argument("--window", type=int, nargs=2, default=[2, 2])
     parser.add_argument("--global-layer", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)

@@ -9,6 +9,8 @@ import torch
 
 from algm_viz.cli import main
 from algm_viz.flops import count_gflops
+from algm_viz.models import create_segmenter
+from algm_viz.models.bundled import save_bundled
 from algm_viz.timing import time_call
 
 import timm.layers
@@ -49,3 +51,20 @@ def test_bench_command_prints_side_by_side_rows(capsys):
     assert merged["engine_ms"] > 0 and 0 < merged["engine_fraction"] < 1
     assert 0 < merged["network_ms_median"] and merged["network_speedup"] > 0
     assert ("algm-batch-min", 0.0) in rows and "adaptive_throughput_vs_this" in rows[("algm-batch-min", 0.0)]
+
+
+def test_bench_auto_runs_the_models_calibrated_pair(capsys, tmp_path):
+    model = create_segmenter("vit_tiny_patch16_384", num_classes=3, image_size=64, depth=6, embed_dim=64, num_heads=2)
+    save_bundled(model, tmp_path / "m", config={"backbone": "vit_tiny_patch16_384", "num_classes": 3, "image_size": 64,
+                                                "depth": 6, "embed_dim": 64, "num_heads": 2},
+                 class_names=["a", "b", "c"], colors=[[0, 0, 0]] * 3, thresholds={"local": 0.25, "global": -0.5}, input_size=64)
+    code = main(["bench", "--model", str(tmp_path / "m"), "--size", "60", "90", "--repeats", "1", "--warmup", "0",
+                 "--taus", "auto", "0.5"])
+    assert code == 0
+    rows = {r["tau"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert rows[None]["thresholds"] is None
+    assert rows["auto"]["thresholds"] == [0.25, -0.5] and rows[0.5]["thresholds"] == [0.5, 0.5]
+    assert rows[None]["tokens"]["patches"] == rows["auto"]["tokens"]["patches"] == 24
+    assert rows["auto"]["tokens"]["global"] < rows["auto"]["tokens"]["local"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--taus", "often"])

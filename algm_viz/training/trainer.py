@@ -202,7 +202,7 @@ def _fit_position_embeddings(model: nn.Module, state: dict[str, Tensor], own: di
         if source_grid == target_grid:
             continue
         if source_grid[0] * source_grid[1] != tokens:
-            log.warning("%s holds %d grid tokens, not a %dx%d grid: left at random", name, tokens, *source_grid)
+            log.warning("%s holds %d grid tokens, not a %dx%d grid: not resampled", name, tokens, *source_grid)
             continue
         fitted[name] = resample_abs_pos_embed(tensor.float(), target_grid, source_grid, num_prefix_tokens=prefix)
         log.info("resampled %s from a %dx%d to a %dx%d grid", name, *source_grid, *target_grid)

@@ -29,7 +29,7 @@ from .evaluation.sweep import AUTO
 from .flops import count_gflops
 from .models.segmenter import DECODERS
 from .preprocess import normalize
-from .timing import Timing, time_once
+from .timing import Timing, synchronize, time_once
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ def engine_ms(model: nn.Module, images: torch.Tensor, forwards: int = 3) -> floa
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(forwards):
             model(images)
-        if on_cuda:
-            torch.cuda.synchronize(images.device)
+        synchronize(images.device)
     total_us = 0.0
     for event in profiler.key_averages():
         if event.key.startswith("algm."):

@@ -1,15 +1,22 @@
-"""Wall-clock timing of model calls: warm-up, CUDA synchronisation, median and spread."""
+"""Wall-clock timing of model calls: warm-up, CUDA synchronisation, median and spread.
+
+:func:`time_call` times one call repeatedly (benchmarks); :func:`timed` times one call and keeps its result
+(evaluation loops, the app), and :func:`rate_summary` summarises the rates such loops collect.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 
-__all__ = ["Timing", "time_call", "time_once", "synchronize"]
+__all__ = ["Timing", "time_call", "time_once", "timed", "rate_summary", "synchronize"]
+
+T = TypeVar("T")
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -59,8 +66,21 @@ def time_call(fn: Callable[[], object], device: torch.device | str, repeats: int
 
 def time_once(fn: Callable[[], object], device: torch.device | str) -> float:
     """Seconds for one synchronised call of ``fn()``."""
+    return timed(fn, device)[1]
+
+
+def timed(fn: Callable[[], T], device: torch.device | str) -> tuple[T, float]:
+    """``(fn(), seconds)`` with ``device`` synchronised before and after."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def rate_summary(rates: Sequence[float], scale: float = 1.0) -> dict[str, float]:
+    """``{"median", "p25", "p75", "samples"}`` of ``rates``, each multiplied by ``scale`` (NaN if empty)."""
+    if not len(rates):
+        return {"median": float("nan"), "p25": float("nan"), "p75": float("nan"), "samples": 0}
+    p25, median, p75 = np.percentile(np.asarray(rates, dtype=np.float64) * scale, [25, 50, 75])
+    return {"median": float(median), "p25": float(p25), "p75": float(p75), "samples": len(rates)}

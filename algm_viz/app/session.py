@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
@@ -25,6 +24,7 @@ from ..evaluation.metrics import confusion_matrix, miou
 from ..flops import count_gflops
 from ..patch import MergeRecord, algm_state, apply_algm, remove_algm
 from ..preprocess import ImageError, normalize, to_rgb_uint8
+from ..timing import timed
 from .inputs import resize_for_model
 from .models import ModelEntry
 
@@ -155,11 +155,6 @@ class ForwardResult:
     maps: MergeMaps | None
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _configure(entry: ModelEntry, settings: Settings | None) -> None:
     """Patch (or unpatch, for ``None``) the model; the caller holds ``entry.lock``."""
     if settings is None:
@@ -173,11 +168,7 @@ def run_forward(entry: ModelEntry, images: torch.Tensor, settings: Settings | No
     """Timed forward of ``images`` ``[1, 3, H, W]`` (baseline when ``settings`` is None)."""
     with entry.lock, torch.inference_mode():
         _configure(entry, settings)
-        _synchronize(images.device)
-        start = time.perf_counter()
-        logits = entry.model(images)
-        _synchronize(images.device)
-        latency = time.perf_counter() - start
+        logits, latency = timed(lambda: entry.model(images), images.device)
         state = algm_state(entry.model)
         maps = MergeMaps.from_record(state.record) if settings is not None else None
     prediction = logits.argmax(1)[0].to(torch.int16).cpu().numpy()

@@ -1,7 +1,7 @@
 """Measure ALGM: segmentation quality, speed, FLOPs, thresholds, attention balance, token similarity.
 
 Modules: :mod:`.metrics` (confusion matrix, mIoU), :mod:`.inference` (Segmenter-style single-scale
-inference), :mod:`.timing`, :mod:`.sweep` (τ sweeps), :mod:`.distributed` (torchrun data parallelism),
+inference), :mod:`.sweep` (τ sweeps), :mod:`.distributed` (torchrun data parallelism),
 :mod:`.calibrate` (automatic τ), :mod:`.balance` (attention balance), :mod:`.similarity` (paper Fig. 2),
 :mod:`.tokens` (token classes and merge bookkeeping).
 """

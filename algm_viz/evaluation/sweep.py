@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from ..datasets import IGNORE_INDEX
 from ..flops import count_gflops
+from ..timing import rate_summary, timed
 from .. import methods as engine_methods
 from ..patch import algm_state, apply_algm, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
 from .inference import default_short_side, prepare
 from .metrics import confusion_matrix, miou
-from .timing import rate_summary, timed
 
 __all__ = ["ALGM_METHODS", "available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "configure_method"]
 

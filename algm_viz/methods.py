@@ -65,9 +65,9 @@ METHODS: dict[str, Method] = {
         Method("algm", "ALGM (CLAP + GBM)", "τ", TAUS, _algm_layers, algm=True),
         Method("algm_prop", "ALGM + proportional attention", "τ", TAUS, _algm_layers, algm=True, prop_attn=True,
                note="Attention weighs a merged key by the patches it stands for (log-size key bias, as ToMe)."),
-        Method("clap", "ALGM: CLAP only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"global_layer": None, **o}), algm=True),
-        Method("gbm", "ALGM: GBM only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"local_layer": None, **o}), algm=True),
-        Method("gbm1", "ALGM: GBM in layer 1", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{"local_layer": None, "global_layer": 1, **o}), algm=True),
+        Method("clap", "ALGM: CLAP only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{**o, "global_layer": None}), algm=True),
+        Method("gbm", "ALGM: GBM only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{**o, "local_layer": None}), algm=True),
+        Method("gbm1", "ALGM: GBM in layer 1", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{**o, "local_layer": None, "global_layer": 1}), algm=True),
         Method("tome", "ToMe (r per layer, keys)", "r", (2, 4, 8, 16, 24, 32), _tome, prop_attn=True),
         Method("pool2d", "Segformer++ 2-D pooling", "k", (2, 4), _pool2d),
         Method("grid", "Segformer++ grid matching", "ratio", (0.25, 0.5, 0.75, 0.9), _grid),
@@ -81,10 +81,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-def apply_method(model: nn.Module, name: str, value: float, *, policy: SharePolicy = colour_homogeneity_policy, **options: Any) -> nn.Module:
-    """Patch ``model`` in place with method ``name`` at knob ``value``. ``options`` go to the method:
-    ``local_layer``/``global_layer``/``window`` for the ALGM variants, ``stride``/``layer`` for grid
-    matching, ``window`` for sharing. Returns ``model``."""
+def apply_method(model: nn.Module, name: str, value: float | None, *, policy: SharePolicy = colour_homogeneity_policy,
+                 **options: Any) -> nn.Module:
+    """Patch ``model`` in place with method ``name`` at knob ``value`` (for the ALGM variants, None = the
+    model's calibrated τ). ``options`` go to the method: ``local_layer``/``global_layer``/``window`` for the
+    ALGM variants (a variant's own fixed layers win, e.g. CLAP only ignores ``global_layer``),
+    ``stride``/``layer`` for grid matching, ``window`` for sharing. Returns ``model``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     method, depth = METHODS[name], len(find_vit(model).blocks)

@@ -134,6 +134,17 @@ def test_auto_sweeps_the_calibrated_threshold_pair(data):
     assert row["tokens"]["global"] < row["tokens"]["local"]
 
 
+def test_every_algm_variant_sweeps_the_calibrated_pair(data):
+    model = _model()
+    model.algm_thresholds = {"local": 0.5, "global": -2.0}
+    rows = sweep(model, data, SweepConfig(taus=["auto"], methods=["clap", "gbm", "gbm1"], warmup=0, flops_images=0,
+                                          limit=2), progress=False)
+    assert [(r["method"], r["local_threshold"], r["global_threshold"]) for r in rows] == [
+        ("clap", 0.5, None), ("gbm", None, -2.0), ("gbm1", None, -2.0)]
+    gbm1 = rows[2]["tokens"]
+    assert gbm1["local"] == gbm1["patches"] > gbm1["global"]
+
+
 def test_parse_taus_and_config_errors():
     assert parse_taus("auto") == ["auto"] and parse_taus("0.9,auto,0.8") == [0.8, 0.9, "auto"]
     taus = parse_taus("0.80:0.98:0.02")

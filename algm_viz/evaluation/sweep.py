@@ -26,31 +26,21 @@ from ..datasets import IGNORE_INDEX
 from ..flops import count_gflops
 from ..timing import rate_summary, timed
 from .. import methods as engine_methods
-from ..patch import algm_state, apply_algm, find_vit, merging_restored, remove_algm
+from ..patch import algm_state, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
 from .inference import default_short_side, prepare
 from .metrics import confusion_matrix, miou
 
-__all__ = ["ALGM_METHODS", "available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "configure_method"]
+__all__ = ["available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "configure_method"]
 
 logger = logging.getLogger(__name__)
 
-#: ALGM and its ablations (paper Tab. 5b), placed by the sweep's ``local_layer``/``global_layer``:
-#: which of the two stages each runs, and whether attention is proportional to token size. Every other
-#: method of :data:`algm_viz.methods.METHODS` (ToMe, Segformer++, CTS-style, ...) is swept over its own
-#: knob with the registry's defaults.
-ALGM_METHODS: dict[str, dict[str, bool]] = {
-    "algm": {"local": True, "global": True, "prop_attn": False},
-    "algm_prop": {"local": True, "global": True, "prop_attn": True},
-    "clap": {"local": True, "global": False, "prop_attn": False},
-    "gbm": {"local": False, "global": True, "prop_attn": False},
-}
 _STAGES = ("patches", "local", "global", "final")
 
 
 def available_methods() -> list[str]:
-    """``baseline``, the ALGM variants, then the engine's other methods."""
-    return ["baseline", *ALGM_METHODS, *(m for m in engine_methods.METHODS if m not in ALGM_METHODS)]
+    """``baseline``, then the engine's methods (:data:`algm_viz.methods.METHODS`: the ALGM variants first)."""
+    return ["baseline", *engine_methods.METHODS]
 
 
 @dataclass
@@ -109,7 +99,7 @@ def knob(method: str) -> str | None:
     """What a method's value is (``"τ"``, ``"r"``, ``"ratio"``, ...); None for the baseline."""
     if method == "baseline":
         return None
-    return "τ" if method in ALGM_METHODS else engine_methods.METHODS[method].knob
+    return engine_methods.METHODS[method].knob
 
 
 #: A τ "value" meaning: the model's calibrated (local, global) pair, ``model.algm_thresholds``.
@@ -144,17 +134,9 @@ def configure_method(model: nn.Module, method: str, value: float | None, config:
     """Set ``model`` up for ``method`` at knob ``value`` (removing merging for the baseline)."""
     if method == "baseline":
         remove_algm(model)
-    elif method in ALGM_METHODS:
-        stages = ALGM_METHODS[method]
-        apply_algm(
-            model,
-            local_layer=config.local_layer if stages["local"] else None,
-            global_layer=config.global_layer if stages["global"] else None,
-            window=config.window,
-            local_threshold=None if value == AUTO else value,
-            global_threshold=None if value == AUTO else value,
-            prop_attn=stages["prop_attn"],
-        )
+    elif engine_methods.METHODS[method].algm:  # placed by the sweep's layers and window; "auto": calibrated τ
+        engine_methods.apply_method(model, method, None if value == AUTO else value, local_layer=config.local_layer,
+                                    global_layer=config.global_layer, window=config.window)
     else:
         engine_methods.apply_method(model, method, value)
 
@@ -250,12 +232,11 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
 
 def _row(method: str, value: float | str | None, result: dict[str, Any], state: Any = None) -> dict[str, Any]:
     mean, per_class = miou(result["confusion"])
-    stages = ALGM_METHODS.get(method, {"local": False, "global": False})
-    thresholds = state.config if state is not None and state.config is not None else None
+    algm = state.config if state is not None and state.config is not None else None  # None: not an ALGM variant
     return {
         "method": method,
-        "local_threshold": thresholds.local_threshold if stages["local"] and thresholds else None,
-        "global_threshold": thresholds.global_threshold if stages["global"] and thresholds else None,
+        "local_threshold": algm.local_threshold if algm and algm.local_layer is not None else None,
+        "global_threshold": algm.global_threshold if algm and algm.global_layer is not None else None,
         "knob": knob(method),
         "value": value,
         "miou": mean,

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import render
 from .datasets import IGNORE_INDEX, read_image, read_label
-from .evaluation.inference import default_short_side, prepare, resized_shape
+from .evaluation.inference import default_short_side, predict_logits, prepare, resized_shape
 from .evaluation.sweep import SweepConfig, available_methods, parse_taus, sweep
 from .methods import METHODS, apply_method
 from .models.loading import load_model
@@ -80,15 +80,8 @@ def compare(
     with merging_restored(model):
         if label is None:
             remove_algm(model)
-            label = _predict(model, image, short_side).astype(np.uint8)
+            label = predict_logits(model, image, short_side=short_side).argmax(0).cpu().numpy().astype(np.uint8)
         return sweep(model, OneImage(image, label, _class_names(model), repeats), config, progress=False)
-
-
-def _predict(model: nn.Module, image: np.ndarray, short_side: int | None) -> np.ndarray:
-    """``[H, W]`` predicted classes at the image's size."""
-    logits = model(prepare(model, image, short_side))
-    logits = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].cpu().numpy()
 
 
 @torch.inference_mode()
@@ -99,13 +92,13 @@ def merge_maps(model: nn.Module, image: np.ndarray, specs: Sequence[tuple[str, f
     height, width = resized_shape(*image.shape[:2], short_side)
     shown = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA) if (height, width) != image.shape[:2] else image
     patch = model.patch_size
-    grid = (-(-height // patch), -(-width // patch))
     panels = []
     with merging_restored(model):
         for method, value in specs:
             apply_method(model, method, value)
             model(prepare(model, shown, None))
-            final = algm_state(model).record.final
+            record = algm_state(model).record
+            grid, final = record.grid, record.final
             if final is None:  # key/value-only merging keeps every token
                 groups = np.arange(grid[0] * grid[1]).reshape(grid)
             else:

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 __all__ = ["Timing", "time_call", "time_once", "timed", "rate_summary", "synchronize"]
@@ -28,7 +27,8 @@ def synchronize(device: torch.device | str) -> None:
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: median and the 25th/75th percentiles over ``repeats`` timed calls."""
+    """Seconds per call (or any samples): median and the 25th/75th percentiles (linear interpolation, as
+    ``numpy.percentile``) over ``repeats`` samples."""
 
     median: float
     p25: float
@@ -82,5 +82,5 @@ def rate_summary(rates: Sequence[float], scale: float = 1.0) -> dict[str, float]
     """``{"median", "p25", "p75", "samples"}`` of ``rates``, each multiplied by ``scale`` (NaN if empty)."""
     if not len(rates):
         return {"median": float("nan"), "p25": float("nan"), "p75": float("nan"), "samples": 0}
-    p25, median, p75 = np.percentile(np.asarray(rates, dtype=np.float64) * scale, [25, 50, 75])
-    return {"median": float(median), "p25": float(p25), "p75": float(p75), "samples": len(rates)}
+    summary = Timing.from_samples([float(rate) * scale for rate in rates])
+    return {"median": summary.median, "p25": summary.p25, "p75": summary.p75, "samples": summary.repeats}

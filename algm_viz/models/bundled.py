@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .segmenter import NORMALIZATION, Segmenter, create_segmenter
+from .segmenter import Segmenter, create_segmenter
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -99,7 +99,7 @@ def save_bundled(
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
-    mean, std = NORMALIZATION[model.normalization]["mean"], NORMALIZATION[model.normalization]["std"]
+    mean, std = model.mean_std
     document = {
         "model": dict(config),
         "class_names": list(class_names),

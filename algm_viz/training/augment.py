@@ -14,17 +14,16 @@ import cv2
 import numpy as np
 
 from ..datasets import IGNORE_INDEX
+from ..evaluation.inference import resized_shape
 
 __all__ = ["Augment", "resize_short_side", "random_scale", "random_crop", "random_flip", "photometric"]
 
 
 def resize_short_side(image: np.ndarray, label: np.ndarray | None, short_side: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Resize so that ``min(H, W) == short_side`` (bilinear image, nearest label)."""
-    if short_side <= 0:
-        raise ValueError(f"short_side must be positive, got {short_side}")
     height, width = image.shape[:2]
-    scale = short_side / min(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    new_height, new_width = resized_shape(height, width, short_side)
+    size = (new_width, new_height)  # cv2 order
     if size == (width, height):
         return image, label
     image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -256,16 +256,14 @@ def _normalise(images: Tensor, model: Segmenter) -> Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def _val_batches(folder: SegmentationFolder, short_side: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _val_batches(folder: SegmentationFolder, short_side: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Batches of equally sized ``([B, h, w, 3]`` resized images, ``[B, H, W]`` original labels``)``."""
     items = [(resize_short_side(image, None, short_side)[0], label) for image, label in (folder[i] for i in range(len(folder)))]
     by_shape: dict[tuple, list[int]] = {}
     for i, (image, label) in enumerate(items):
         by_shape.setdefault((image.shape, label.shape), []).append(i)
-    for indices in by_shape.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            yield np.stack([items[i][0] for i in chunk]), np.stack([items[i][1] for i in chunk])
+    chunks = [indices[start : start + batch_size] for indices in by_shape.values() for start in range(0, len(indices), batch_size)]
+    return [(np.stack([items[i][0] for i in chunk]), np.stack([items[i][1] for i in chunk])) for chunk in chunks]
 
 
 @torch.no_grad()
@@ -273,17 +271,24 @@ def evaluate(model: Segmenter, folder: SegmentationFolder, short_side: int, batc
              device: str | torch.device = "cpu") -> dict[str, Any]:
     """Single-scale whole-image validation: inputs resized to ``short_side``, logits upsampled to the
     label's size. Returns ``{"miou": %, "iou": {class: %}}`` (classes absent everywhere are left out)."""
+    return _evaluate_batches(model, _val_batches(folder, short_side, batch_size), folder.class_names, device)
+
+
+@torch.no_grad()
+def _evaluate_batches(model: Segmenter, batches: Sequence[tuple[np.ndarray, np.ndarray]], class_names: Sequence[str],
+                      device: str | torch.device) -> dict[str, Any]:
+    """:func:`evaluate` on batches prepared once by :func:`_val_batches`."""
     was_training = model.training
     model.eval()
-    k = folder.num_classes
+    k = len(class_names)
     confusion = torch.zeros(k, k, dtype=torch.long, device=device)
-    for images, labels in _val_batches(folder, short_side, batch_size):
+    for images, labels in batches:
         inputs = _normalise(torch.from_numpy(images).to(device).permute(0, 3, 1, 2), model)
         logits = F.interpolate(model(inputs).float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         confusion += confusion_matrix(logits.argmax(1), torch.from_numpy(labels).to(device), k)
     model.train(was_training)
     mean, iou = miou(confusion.cpu())
-    return {"miou": mean, "iou": {name: round(float(v), 2) for name, v in zip(folder.class_names, iou) if not math.isnan(v)}}
+    return {"miou": mean, "iou": {name: round(float(v), 2) for name, v in zip(class_names, iou) if not math.isnan(v)}}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -326,6 +331,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_folder = open_dataset(config.dataset, config.data_root, config.train_split, config.class_names)
     val_root = config.val_root or config.data_root
     val_folder = open_dataset(config.dataset, val_root, config.val_split, config.class_names) if config.val_split else None
+    val_batches = _val_batches(val_folder, config.short_side, config.eval_batch_size) if val_folder is not None else []
     augment = Augment(config.crop_size, config.scale_range, config.flip_p, config.jitter)
     train_set = TrainSet(train_folder, config.short_side, augment, config.seed)
 
@@ -353,7 +359,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start_epoch, step, best, best_epoch, wall = 0, 0, -1.0, -1, 0.0
     last_path, best_path = out / "last.pt", out / "best.pt"
     if config.resume and last_path.is_file():
-        ckpt = torch.load(last_path, map_location=device, weights_only=True)
+        # On the CPU: the RNG states must stay CPU byte tensors; load_state_dict moves the rest to the device.
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -404,7 +411,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": step, "loss": running / max(seen, 1),
                                   "wall_s": round(wall, 1)}
         if val_folder is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            metrics = evaluate(model, val_folder, config.short_side, config.eval_batch_size, device)
+            metrics = _evaluate_batches(model, val_batches, val_folder.class_names, device)
             record.update(val_miou=metrics["miou"], val_iou=metrics["iou"])
             if metrics["miou"] > best:
                 best, best_epoch = metrics["miou"], epoch + 1

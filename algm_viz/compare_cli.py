@@ -103,7 +103,7 @@ def merge_maps(model: nn.Module, image: np.ndarray, specs: Sequence[tuple[str, f
                 groups = np.arange(grid[0] * grid[1]).reshape(grid)
             else:
                 groups = final.groups[0].cpu().numpy().reshape(grid)
-            merged = np.bincount(groups.ravel())[groups] > 1
+            merged = render.merged_mask(groups)
             panel = render.group_overlay(shown, groups, merged, patch)
             kept = int(groups.max()) + 1
             title = f"{METHODS[method].label}, {METHODS[method].knob} = {value:g}: {kept}/{groups.size} tokens"

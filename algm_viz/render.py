@@ -16,6 +16,7 @@ __all__ = [
     "upsample_grid",
     "label_edges",
     "group_colors",
+    "merged_mask",
     "window_overlay",
     "group_overlay",
     "colorize",
@@ -86,7 +87,7 @@ def _blend(image: np.ndarray, layer: np.ndarray, mask: np.ndarray, alpha: float)
     return out
 
 
-def _merged(groups: np.ndarray) -> np.ndarray:
+def merged_mask(groups: np.ndarray) -> np.ndarray:
     """``[gh, gw]`` group ids -> ``[gh, gw]`` bool, True where the group has more than one member."""
     sizes = np.bincount(groups.ravel())
     return sizes[groups] > 1
@@ -112,7 +113,7 @@ def window_overlay(
     image = _check_image(image)
     groups = np.asarray(groups)
     pixel_groups = upsample_grid(groups, patch_size, image.shape[:2])
-    merged = upsample_grid(_merged(groups), patch_size, image.shape[:2])
+    merged = upsample_grid(merged_mask(groups), patch_size, image.shape[:2])
     out = _blend(image, np.broadcast_to(np.array(color, np.uint8), image.shape), merged, alpha)
     out[label_edges(pixel_groups) & merged] = edge_color
     return out

@@ -150,6 +150,10 @@ def test_label_map_gives_real_miou(registry):
         ImageSession(entry, image, label[:10])
 
 
+def _no_nan(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def _miou_of(session, readout):
     """mIoU of the cached ALGM prediction against the stored label, computed here independently."""
     settings = Settings(readout["thresholds"]["local"], readout["thresholds"]["global"])
@@ -196,7 +200,8 @@ def test_curve_balance_and_export(handlers, tmp_path):
     assert "entropy" in summary.lower() and balance_plot is not None
     files = {p.rsplit("/", 1)[-1]: p for p in handlers.export(*args)}
     assert set(files) == {"readout.json", "tau_curve.json", "tau_curve.csv", "attention_balance.json"}
-    rows = json.loads(Path(files["tau_curve.json"]).read_text())
+    rows = json.loads(Path(files["tau_curve.json"]).read_text(), parse_constant=_no_nan)  # strict JSON
+    assert all(len(r["per_class_iou"]) == 5 for r in rows)
     assert [r["local_threshold"] for r in rows] == [None, 0.6, 0.8, 1.0]
     assert rows[-1]["tokens"]["global"] == rows[0]["tokens"]["patches"], "τ = 1 merges nothing"
     with open(files["tau_curve.csv"]) as handle:

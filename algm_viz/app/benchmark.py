@@ -13,20 +13,19 @@ import argparse
 import json
 import socket
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..timing import time_once
 from .models import ModelRegistry
 from .ui import EXAMPLES_DIR, Handlers, build_demo
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Wall seconds of one handler call (handlers hand back host data, so no device to synchronise)."""
+    return time_once(fn, "cpu")
 
 
 def _free_port() -> int:

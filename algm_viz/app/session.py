@@ -292,12 +292,10 @@ class ImageSession:
         return rows
 
 
-def _miou(prediction: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, list[float]]:
-    confusion = confusion_matrix(torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(target.astype(np.int64)),
-                                 num_classes)
-    value, per_class = miou(confusion)
-    per_class = per_class.tolist() if hasattr(per_class, "tolist") else list(per_class)
-    return float(value), [float(v) for v in per_class]
+def _miou(prediction: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, list[float | None]]:
+    """mIoU (%) and per-class IoU (None for a class in neither map, as in sweep rows: NaN is not JSON)."""
+    value, per_class = miou(confusion_matrix(torch.from_numpy(prediction), torch.from_numpy(target), num_classes))
+    return float(value), [None if math.isnan(v) else v for v in per_class.tolist()]
 
 
 def _digest(array: np.ndarray | None) -> str:

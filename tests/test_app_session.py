@@ -108,6 +108,17 @@ def test_baseline_runs_once_and_tau_reruns_only_algm(registry, monkeypatch):
     assert len(calls) == 1 + 2, "one baseline forward, one ALGM forward per new τ, none for a repeated τ"
 
 
+def test_curve_rows_are_computed_once_per_curve(registry, monkeypatch):
+    session = ImageSession(registry.get("untrained"), scene())
+    calls = []
+    original = session.agreement
+    monkeypatch.setattr(session, "agreement", lambda prediction: calls.append(1) or original(prediction))
+    first = session.curve_rows([0.6, 0.8], 2, 5)
+    assert len(calls) == 3  # the baseline row and one per τ
+    assert session.curve_rows([0.6, 0.8], 2, 5) is first and len(calls) == 3
+    assert session.curve_rows([0.6, 0.8], 2, 5, prop_attn=True)[1]["method"] == "algm_prop" and len(calls) == 6
+
+
 def test_readout_matches_the_merge(registry):
     session = ImageSession(registry.get("untrained"), scene())
     none = analysis.analyze(session, Settings(1.0, 1.0))

@@ -222,6 +222,7 @@ class ImageSession:
         self._algm: LRU[ForwardResult] = LRU(cache_size)
         self._gflops: LRU[float] = LRU(cache_size)
         self._balance: LRU[dict[str, Any]] = LRU(cache_size)
+        self._curves: LRU[list[dict[str, Any]]] = LRU(cache_size)
 
     @property
     def num_patches(self) -> int:
@@ -266,7 +267,12 @@ class ImageSession:
                    prop_attn: bool = False) -> list[dict[str, Any]]:
         """One row per τ (the same τ for both stages), in the schema of the evaluation command (method
         ``algm``, or ``algm_prop`` with ``prop_attn``), with ``miou`` = agreement with the baseline (%) and
-        throughput from this image's latency."""
+        throughput from this image's latency. Cached: a τ release re-plots the same rows with a new marker."""
+        key = (tuple(float(t) for t in thresholds), window, global_layer, prop_attn)
+        return self._curves.get(key, lambda: self._curve_rows(thresholds, window, global_layer, prop_attn))
+
+    def _curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
+                    prop_attn: bool) -> list[dict[str, Any]]:
         baseline = self.baseline()
         rows = [{
             "method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 100.0,

@@ -42,6 +42,7 @@ __all__ = [
     "apply_algm",
     "apply_merging",
     "colour_homogeneity_policy",
+    "default_thresholds",
     "find_vit",
     "merging_restored",
     "remove_algm",
@@ -460,6 +461,14 @@ def apply_merging(
     return model
 
 
+def default_thresholds(model: nn.Module) -> dict[str, float]:
+    """``{"local", "global"}``: the τ :func:`apply_algm` uses when given none, i.e. the model's calibrated
+    ``model.algm_thresholds`` where it has them, else the authors' defaults for the ViT's width."""
+    calibrated = getattr(model, "algm_thresholds", None) or {}
+    fallback = AUTHOR_DEFAULT_THRESHOLDS.get(getattr(find_vit(model), "embed_dim", 0), 0.9)
+    return {stage: float(calibrated.get(stage, fallback)) for stage in ("local", "global")}
+
+
 def apply_algm(
     model: nn.Module,
     local_layer: Optional[int] = 1,
@@ -477,15 +486,13 @@ def apply_algm(
     ``"local"``/``"global"``) where it has them, else the authors' defaults for the ViT's width.
     Applying again replaces the configuration. Returns ``model``.
     """
-    vit = find_vit(model)
-    calibrated = getattr(model, "algm_thresholds", None) or {}
-    fallback = AUTHOR_DEFAULT_THRESHOLDS.get(getattr(vit, "embed_dim", 0), 0.9)
+    default = default_thresholds(model)
     config = ALGMConfig(
         local_layer=local_layer,
         global_layer=global_layer,
         window=window,
-        local_threshold=local_threshold if local_threshold is not None else calibrated.get("local", fallback),
-        global_threshold=global_threshold if global_threshold is not None else calibrated.get("global", fallback),
+        local_threshold=local_threshold if local_threshold is not None else default["local"],
+        global_threshold=global_threshold if global_threshold is not None else default["global"],
         prop_attn=prop_attn,
         batch_min=batch_min,
     )

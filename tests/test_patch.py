@@ -139,7 +139,10 @@ def test_thresholds_default_to_calibrated_then_authors():
     set_thresholds(model, global_threshold=0.5)
     assert algm_state(model).config.global_threshold == 0.5
     vit_s = timm.create_model("vit_small_patch16_224", depth=6, num_classes=0)
-    assert algm_state(apply_algm(vit_s)).config.local_threshold == algm_viz.patch.AUTHOR_DEFAULT_THRESHOLDS[384]
+    assert algm_viz.patch.default_thresholds(model) == {"local": 0.77, "global": 0.66}
+    authors = algm_viz.patch.AUTHOR_DEFAULT_THRESHOLDS[384]
+    assert algm_viz.patch.default_thresholds(vit_s) == {"local": authors, "global": authors}
+    assert algm_state(apply_algm(vit_s)).config.local_threshold == authors
 
 
 def test_batch_min_option_gives_equal_counts():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..models import KNOWN_MODELS, CheckpointError, Segmenter, create_segmenter, load_segmenter
-from ..patch import algm_state, apply_algm, remove_algm
+from ..patch import default_thresholds
 from ..render import group_colors
 from .gpu import on_zero_gpu
 
@@ -71,13 +71,6 @@ class ModelEntry:
     @property
     def patch_size(self) -> int:
         return self.model.patch_size
-
-
-def _auto_thresholds(model: Segmenter) -> dict[str, float]:
-    """The τ that :func:`apply_algm` picks when given none (calibrated, else the authors' defaults)."""
-    config = algm_state(apply_algm(model)).config
-    remove_algm(model)
-    return {"local": config.local_threshold, "global": config.global_threshold}
 
 
 def _bundled_folder(name: str) -> Path | None:
@@ -203,4 +196,4 @@ class ModelRegistry:
             with torch.inference_mode():
                 model(torch.zeros(1, 3, short_side, short_side, device=self.device))
         logger.info("loaded %s on %s", label, self.device)
-        return ModelEntry(key, label, model, names, palette, short_side, _auto_thresholds(model), trained, sweep_rows)
+        return ModelEntry(key, label, model, names, palette, short_side, default_thresholds(model), trained, sweep_rows)

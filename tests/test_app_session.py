@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -173,6 +174,21 @@ def _miou_of(session, readout):
     ious = [((prediction == c) & (label == c) & valid).sum() / (((prediction == c) | (label == c)) & valid).sum()
             for c in range(5) if (((prediction == c) | (label == c)) & valid).any()]
     return 100 * float(np.mean(ious))
+
+
+def test_a_file_is_decoded_once_until_it_changes(handlers, tmp_path, monkeypatch):
+    import algm_viz.app.ui as ui_module
+    reads = []
+    monkeypatch.setattr(ui_module, "read_image_file", lambda path: reads.append(path) or read_image_file(path))
+    path = write(tmp_path, "scene.png", scene())
+    handlers.analyze("untrained", path, None, 0.8, 0.8, 2, 5)
+    handlers.curve("untrained", path, None, 0.8, 0.8, 2, 5)
+    handlers.balance("untrained", path, None, 0.9, 0.9, 2, 5)
+    assert len(reads) == 1
+    first = handlers._session("untrained", path, None)
+    write(tmp_path, "scene.png", scene(seed=1)[:, ::-1].copy())  # new content, new size/mtime
+    os.utime(path, ns=(1, 1))
+    assert handlers._session("untrained", path, None) is not first and len(reads) == 2
 
 
 def test_handlers_answer_bad_input_with_clear_errors(handlers, tmp_path):

@@ -316,6 +316,7 @@ class SessionCache:
 
     def __init__(self, capacity: int = 8, max_side: int = 1024) -> None:
         self.max_side = max_side
+        self.capacity = capacity
         self._sessions: LRU[ImageSession] = LRU(capacity)
 
     def get(self, entry: ModelEntry, image: np.ndarray, label: np.ndarray | None = None) -> ImageSession:

@@ -31,7 +31,7 @@ from . import analysis
 from .gpu import gpu
 from .models import ModelEntry, ModelRegistry
 from .inputs import read_image_file, read_label_file
-from .session import SessionCache, Settings
+from .session import LRU, ImageSession, SessionCache, Settings
 
 __all__ = ["Handlers", "PictureFiles", "build_demo", "ImageInput", "EXAMPLES_DIR"]
 
@@ -100,6 +100,16 @@ class PictureFiles:
         return str(path)
 
 
+def _file_identity(path: str) -> tuple[str, int, int] | str:
+    """``(resolved path, size, mtime ns)`` of a file; the path itself when there is no such file (so that
+    reading it raises the usual error)."""
+    try:
+        status = Path(path).stat()
+    except OSError:
+        return str(path)
+    return str(Path(path).resolve()), status.st_size, status.st_mtime_ns
+
+
 class Handlers:
     """The app's functions, free of layout: each takes and returns plain values (API-friendly).
 
@@ -117,10 +127,15 @@ class Handlers:
         self.thresholds = tuple(thresholds)
         self.with_gflops = with_gflops
         self.pictures = PictureFiles()
+        self._by_file: LRU[ImageSession] = LRU(self.sessions.capacity)
 
-    def _session(self, model: str, image: str, label: str | None):
+    def _session(self, model: str, image: str, label: str | None) -> ImageSession:
+        """The session of these files; a file seen before (same path, size and modification time) is not
+        decoded and hashed again: one τ release asks for the session three times (view, curve, balance)."""
         entry = self.registry.get(model)
-        return self.sessions.get(entry, read_image_file(image), read_label_file(label) if label else None)
+        key = (entry.key, _file_identity(image), _file_identity(label) if label else None)
+        return self._by_file.get(key, lambda: self.sessions.get(entry, read_image_file(image),
+                                                                 read_label_file(label) if label else None))
 
     def model_info(self, model: str) -> tuple[ModelEntry, str]:
         entry = self.registry.get(model)

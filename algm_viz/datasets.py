@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import copy
+
 import cv2
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "SegmentationFolder", "camvid", "ade20k", "folder", "open_dataset", "read_image", "read_label"]
+__all__ = ["IGNORE_INDEX", "SegmentationFolder", "camvid", "ade20k", "folder", "open_dataset", "read_image", "read_label",
+           "sequence_of", "join_folders", "select_sequences", "parse_sequences"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -74,6 +77,9 @@ class SegmentationFolder:
             missing = [p.name for p in self.files if not (self.labels / f"{p.stem}.png").is_file()]
             if missing:
                 raise FileNotFoundError(f"{len(missing)} images have no label map in {self.labels}, e.g. {missing[0]}")
+        #: label map of each image (None without labels); :func:`join_folders` mixes folders, so kept per file.
+        self.label_files: list[Path | None] = [
+            self.labels / f"{p.stem}.png" if self.labels is not None else None for p in self.files]
         if not self.colors:
             self.colors = _distinct_colors(len(self.class_names))
 
@@ -86,11 +92,65 @@ class SegmentationFolder:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """``([H, W, 3]`` uint8 image, ``[H, W]`` uint8 label or None``)``."""
-        path = self.files[index]
-        image = read_image(path)
-        if self.labels is None:
+        image = read_image(self.files[index])
+        label_file = self.label_files[index]
+        if label_file is None:
             return image, None
-        return image, self.label_map(read_label(self.labels / f"{path.stem}.png"))
+        return image, self.label_map(read_label(label_file))
+
+    def subset(self, indices: Sequence[int]) -> "SegmentationFolder":
+        """The same data set restricted to ``indices`` (in that order)."""
+        out = copy.copy(self)
+        out.files = [self.files[i] for i in indices]
+        out.label_files = [self.label_files[i] for i in indices]
+        return out
+
+
+def sequence_of(path: str | Path) -> str:
+    """The sequence (recording) an image belongs to: its file-name prefix before the first ``_``
+    (CamVid: ``0016E5_07959.png`` -> ``0016E5``); the whole stem where there is no ``_``."""
+    return Path(path).stem.split("_", 1)[0]
+
+
+def join_folders(folders: Sequence[SegmentationFolder]) -> SegmentationFolder:
+    """One data set holding the images of ``folders`` (same classes), in order; a name appearing twice is an error."""
+    if not folders:
+        raise ValueError("no data set to join")
+    first = folders[0]
+    if any(tuple(f.class_names) != tuple(first.class_names) for f in folders[1:]):
+        raise ValueError("cannot join data sets with different class lists")
+    out = copy.copy(first)
+    out.files = [p for f in folders for p in f.files]
+    out.label_files = [p for f in folders for p in f.label_files]
+    names = [p.name for p in out.files]
+    if len(set(names)) != len(names):
+        raise ValueError("the joined data sets share file names")
+    if any(p is None for p in out.label_files) and not all(p is None for p in out.label_files):
+        raise ValueError("cannot join labelled and unlabelled data sets")
+    out.labels = None if out.label_files[0] is None else first.labels
+    return out
+
+
+def parse_sequences(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``"0001TP,0016E5"`` (or a list) -> ``("0001TP", "0016E5")``; None / empty -> None (all sequences)."""
+    if text is None:
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    names = tuple(p.strip() for p in parts if p.strip())
+    return names or None
+
+
+def select_sequences(folder: SegmentationFolder, sequences: Sequence[str] | None) -> SegmentationFolder:
+    """The images of ``folder`` whose :func:`sequence_of` is in ``sequences`` (None = all). A sequence with no
+    image is an error (a typo must not silently shrink a split)."""
+    if sequences is None:
+        return folder
+    present = {sequence_of(p) for p in folder.files}
+    unknown = sorted(set(sequences) - present)
+    if unknown:
+        raise ValueError(f"no image of sequence(s) {unknown} in {folder.images}; present: {sorted(present)}")
+    wanted = set(sequences)
+    return folder.subset([i for i, p in enumerate(folder.files) if sequence_of(p) in wanted])
 
 
 def _camvid_labels(label: np.ndarray) -> np.ndarray:
@@ -105,10 +165,17 @@ def _ade20k_labels(label: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def camvid(root: str | Path, split: str = "val") -> SegmentationFolder:
-    """CamVid, SegNet layout: ``<split>/`` and ``<split>annot/``."""
+def camvid(root: str | Path, split: str = "val", sequences: Sequence[str] | None = None) -> SegmentationFolder:
+    """CamVid, SegNet layout: ``<split>/`` and ``<split>annot/``. ``split`` may join folders with ``+``
+    (``"train+val"``); ``sequences`` keeps only the images of these sequences (file-name prefixes, e.g.
+    ``("0006R0",)``), so that training and validation can be split by recording instead of by folder."""
     root = Path(root)
-    return SegmentationFolder(root / split, root / f"{split}annot", CAMVID_CLASSES, _camvid_labels, CAMVID_COLORS, "camvid")
+    parts = [part.strip() for part in split.split("+") if part.strip()]
+    if not parts:
+        raise ValueError(f"empty CamVid split {split!r}")
+    folders = [SegmentationFolder(root / part, root / f"{part}annot", CAMVID_CLASSES, _camvid_labels, CAMVID_COLORS, "camvid")
+               for part in parts]
+    return select_sequences(folders[0] if len(folders) == 1 else join_folders(folders), sequences)
 
 
 def _ade20k_class_names(root: Path) -> tuple[str, ...]:
@@ -141,16 +208,18 @@ def folder(images: str | Path, labels: str | Path | None, class_names: Sequence[
     return SegmentationFolder(Path(images), Path(labels) if labels else None, tuple(class_names), label_map)
 
 
-def open_dataset(kind: str, root: str | Path, split: str | None = None, class_names: Sequence[str] | None = None) -> SegmentationFolder:
-    """``kind`` in ``camvid | ade20k | folder`` (``folder``: ``root/images`` + ``root/labels`` + ``class_names``)."""
+def open_dataset(kind: str, root: str | Path, split: str | None = None, class_names: Sequence[str] | None = None,
+                 sequences: Sequence[str] | None = None) -> SegmentationFolder:
+    """``kind`` in ``camvid | ade20k | folder`` (``folder``: ``root/images`` + ``root/labels`` + ``class_names``).
+    ``sequences``: keep only images whose file-name prefix (:func:`sequence_of`) is one of these."""
     if kind == "camvid":
-        return camvid(root, split or "val")
+        return camvid(root, split or "val", sequences)
     if kind == "ade20k":
-        return ade20k(root, split or "validation")
+        return select_sequences(ade20k(root, split or "validation"), sequences)
     if kind == "folder":
         if not class_names:
             raise ValueError("a folder data set needs its class names")
         root = Path(root)
         labels = root / "labels"
-        return folder(root / "images", labels if labels.is_dir() else None, class_names)
+        return select_sequences(folder(root / "images", labels if labels.is_dir() else None, class_names), sequences)
     raise ValueError(f"unknown data set kind {kind!r}: use camvid, ade20k or folder")

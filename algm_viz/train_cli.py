@@ -8,6 +8,7 @@ import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from .datasets import parse_sequences
 from .training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--data-root", default=d["data_root"])
     data.add_argument("--train-split", default=d["train_split"])
     data.add_argument("--val-split", default=d["val_split"], help="'none' skips validation")
+    data.add_argument("--train-sequences", default=None, metavar="A,B",
+                      help="train only on these sequences (file-name prefixes, e.g. 0001TP,0016E5); default all. "
+                           "A CamVid split may join folders: --train-split train+val")
+    data.add_argument("--val-sequences", default=None, metavar="A,B",
+                      help="validate only on these sequences (e.g. 0006R0 with --val-split train+val); default all")
     data.add_argument("--val-root", default=None, help="validation data root if not --data-root ('folder' data sets)")
     data.add_argument("--class-names", nargs="+", default=None, help="class names of a 'folder' data set")
     model = p.add_argument_group("model")
@@ -62,6 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for name in ("lr", "weight_decay", "warmup_ratio", "poly_power", "grad_clip", "drop_path_rate"):
         opt.add_argument(f"--{name.replace('_', '-')}", type=float, default=d[name])
     opt.add_argument("--class-weighting", default=d["class_weighting"], choices=("none", "median_freq"))
+    opt.add_argument("--ema-decay", type=float, default=None,
+                     help="keep an EMA of the weights with at most this decay (e.g. 0.999), validated next to the "
+                          "raw weights, best epoch in <out>/best_ema.pt; default off")
+    opt.add_argument("--ema-warmup-power", type=float, default=d["ema_warmup_power"],
+                     help="EMA decay warm-up: 1 - (1 + step) ** -power")
     run = p.add_argument_group("run")
     run.add_argument("--out", default=d["out"], help="run folder (last.pt, best.pt, log.jsonl)")
     run.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -82,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         out=args.out, dataset=args.dataset, data_root=args.data_root, train_split=args.train_split,
         val_split=None if str(args.val_split).lower() == "none" else args.val_split, val_root=args.val_root,
+        train_sequences=parse_sequences(args.train_sequences), val_sequences=parse_sequences(args.val_sequences),
         class_names=args.class_names,
         backbone=args.backbone, decoder=args.decoder, decoder_layers=args.decoder_layers,
         normalization=args.normalization, encoder_kwargs=args.encoder_kwargs, init=args.init,
@@ -92,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         class_weighting=args.class_weighting, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         log_every=args.log_every, threads=args.threads, workers=args.workers, device=args.device,
         amp=not args.no_amp, seed=args.seed, algm=args.algm, algm_thresholds=thresholds, resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress, ema_decay=args.ema_decay, ema_warmup_power=args.ema_warmup_power,
     )
 
 

@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from algm_viz.datasets import IGNORE_INDEX, ade20k, camvid, folder, open_dataset, read_label
+from algm_viz.datasets import (IGNORE_INDEX, ade20k, camvid, folder, join_folders, open_dataset, parse_sequences,
+                               read_label, select_sequences, sequence_of)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -76,3 +77,38 @@ def test_folder_without_labels_and_bad_input(tmp_path):
         open_dataset("voc", tmp_path)
     with pytest.raises(FileNotFoundError):
         camvid(tmp_path / "missing")
+
+
+def test_camvid_sequence_splits_across_train_and_val():
+    root = _require("camvid")
+    train = camvid(root, "train+val", ("0001TP", "0016E5"))
+    val = open_dataset("camvid", root, "train+val", sequences=["0006R0"])
+    assert {sequence_of(p) for p in train.files} == {"0001TP", "0016E5"}
+    assert {sequence_of(p) for p in val.files} == {"0006R0"}
+    everything = camvid(root, "train+val")
+    assert len(train) + len(val) == len(everything) == len(camvid(root, "train")) + len(camvid(root, "val"))
+    assert not {p.name for p in train.files} & {p.name for p in val.files}
+    from_val = [i for i, p in enumerate(train.files) if p.parent.name == "val"]
+    assert from_val and train.label_files[from_val[0]].parent.name == "valannot"
+    _, label = train[from_val[0]]
+    assert np.array_equal(label, camvid(root, "val")[camvid(root, "val").files.index(train.files[from_val[0]])][1])
+
+
+def test_sequence_selection_join_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    for part, stems in (("one", ("s1_a", "s2_a")), ("two", ("s1_b", "s3_a"))):
+        for stem in stems:
+            _write(tmp_path / part / "images" / f"{stem}.png", rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+            _write(tmp_path / part / "labels" / f"{stem}.png", np.full((4, 4), int(stem[1]) - 1, np.uint8))
+    one, two = (folder(tmp_path / p / "images", tmp_path / p / "labels", ["x", "y", "z"]) for p in ("one", "two"))
+    joined = join_folders([one, two])
+    assert [p.stem for p in joined.files] == ["s1_a", "s2_a", "s1_b", "s3_a"]
+    assert [int(joined[i][1][0, 0]) for i in range(4)] == [0, 1, 0, 2]  # each label read from its own folder
+    s1 = select_sequences(joined, parse_sequences("s1, "))
+    assert [p.stem for p in s1.files] == ["s1_a", "s1_b"] and len(joined) == 4
+    assert select_sequences(joined, None) is joined and parse_sequences("") is None
+    assert sequence_of("0016E5_07959.png") == "0016E5" and sequence_of("plain.png") == "plain"
+    with pytest.raises(ValueError, match="no image of sequence"):
+        select_sequences(joined, ["s9"])
+    with pytest.raises(ValueError, match="share file names"):
+        join_folders([one, one])

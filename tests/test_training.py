@@ -192,3 +192,43 @@ def test_init_weights_resample_the_position_embedding_to_another_grid(tmp_path):
     grid = embedding[0, prefix:, 0].view(6, 4)
     torch.testing.assert_close(grid, grid[:, :1].expand(6, 4))  # constant along a row
     assert torch.all(grid[1:, 0] > grid[:-1, 0]) and grid[0, 0] < 0.5 and grid[-1, 0] > 2.5
+
+
+def test_ema_weights_are_validated_saved_and_resumed(data_root, tmp_path):
+    out = tmp_path / "ema"
+    config = _config(data_root, out, epochs=2, val_split="val", val_root=str(data_root / "val"), ema_decay=0.9)
+    summary = train(config)
+    epochs = [r for r in _log(out) if r["event"] == "epoch"]
+    assert all("ema_val_miou" in r and "val_miou" in r for r in epochs)
+    assert summary["best_ema_epoch"] in (1, 2)
+    ema_state = torch.load(out / "best_ema.pt", weights_only=True)["model"]
+    raw_state = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert ema_state.keys() == raw_state.keys()
+    assert not all(torch.equal(ema_state[k], raw_state[k]) for k in raw_state)  # an average, not a copy
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["ema"].keys() == raw_state.keys()
+    resumed = train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True}))
+    assert resumed["steps"] == 3 * 2
+
+
+def test_sequence_splits_select_images_and_reject_shared_images(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "seq"
+    for split, names in (("train", ("aa_0", "aa_1", "bb_0")), ("val", ("aa_2", "cc_0"))):
+        for name in names:
+            image, label = _scene(rng)
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "labels").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / split / "images" / f"{name}.png"), image[..., ::-1])
+            cv2.imwrite(str(root / split / "labels" / f"{name}.png"), label)
+    out = tmp_path / "run"
+    config = _config(root, out, train_sequences=["aa"], val_split="val",
+                     val_root=str(root / "val"), val_sequences="cc", epochs=1)
+    train(config)
+    start = _log(out)[0]
+    assert start["train_images"] == 2 and start["val_images"] == 1
+    with pytest.raises(ValueError, match="also training images"):
+        train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "leak"), "val_root": str(root / "train"),
+                             "val_sequences": ["bb"], "train_sequences": None}))
+    with pytest.raises(ValueError, match="no image of sequence"):
+        train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "typo"), "train_sequences": ["zz"]}))

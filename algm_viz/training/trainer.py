@@ -4,7 +4,9 @@ AdamW, linear warm-up then poly decay (stepped per iteration), cross-entropy wit
 precision on CUDA only, optional ALGM during training (batch-wise minimum merging, as the paper
 trains). After every epoch ``<out>/last.pt`` holds everything a resumed run needs to continue exactly
 where it stopped (model, optimizer, scheduler, scaler, epoch, RNG state); ``<out>/best.pt`` holds the
-weights with the best validation mIoU and ``<out>/log.jsonl`` one JSON object per logged event.
+weights with the best validation mIoU and ``<out>/log.jsonl`` one JSON object per logged event. With
+``ema_decay`` set, an exponential moving average of the weights is kept as well (timm's ``ModelEmaV3``),
+validated next to the raw weights, and its best epoch saved to ``<out>/best_ema.pt``.
 Augmentation randomness is drawn from ``(seed, epoch, index)``, so it does not depend on the order
 samples are drawn in or on the number of data-loader workers.
 """
@@ -27,9 +29,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from timm.layers import resample_abs_pos_embed
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from ..datasets import IGNORE_INDEX, SegmentationFolder, open_dataset
+from ..datasets import IGNORE_INDEX, SegmentationFolder, open_dataset, sequence_of
 from ..evaluation.metrics import confusion_matrix, miou
 from ..models import Segmenter
 from ..models.bundled import build_from_config
@@ -51,7 +54,11 @@ class TrainConfig:
     Attributes:
         out: run folder (``last.pt``, ``best.pt``, ``log.jsonl``).
         dataset, data_root, train_split, val_split, class_names: as :func:`algm_viz.datasets.open_dataset`;
-            ``val_split=None`` skips validation (``best.pt`` is then the last epoch).
+            ``val_split=None`` skips validation (``best.pt`` is then the last epoch). A CamVid split may join
+            folders (``"train+val"``).
+        train_sequences, val_sequences: keep only the images of these sequences (file-name prefixes, e.g.
+            ``("0001TP", "0016E5")`` / ``("0006R0",)``), None = all: a validation set that shares no recording
+            with the training set. Sharing an image is an error; sharing a sequence is logged as a warning.
         val_root: root of the validation data where it differs from ``data_root`` (a ``folder`` data
             set has no splits); None = ``data_root``.
         backbone, decoder, decoder_layers, normalization, encoder_kwargs: as :func:`create_segmenter`.
@@ -77,6 +84,8 @@ class TrainConfig:
         algm: train with ALGM applied (``batch_min=True``) at ``algm_thresholds`` (None = defaults).
         resume: continue from ``<out>/last.pt`` when it exists.
         progress: show a tqdm progress bar.
+        ema_decay: keep an exponential moving average of the weights with at most this decay (None = off);
+            the decay warms up as ``1 - (1 + step) ** -ema_warmup_power`` (timm ``ModelEmaV3``).
     """
 
     out: str = "runs/train"
@@ -84,6 +93,8 @@ class TrainConfig:
     data_root: str = "../shared/data/camvid"
     train_split: str = "train"
     val_split: Optional[str] = "val"
+    train_sequences: Optional[Sequence[str]] = None
+    val_sequences: Optional[Sequence[str]] = None
     val_root: Optional[str] = None
     class_names: Optional[Sequence[str]] = None
     backbone: str = "vit_tiny_patch16_384"
@@ -119,6 +130,8 @@ class TrainConfig:
     algm_thresholds: Optional[dict[str, float]] = None
     resume: bool = False
     progress: bool = True
+    ema_decay: Optional[float] = None
+    ema_warmup_power: float = 2 / 3
 
     def __post_init__(self) -> None:
         self.crop_size = tuple(int(s) for s in self.crop_size)
@@ -134,6 +147,12 @@ class TrainConfig:
             raise ValueError(f"class_weighting must be 'none' or 'median_freq', got {self.class_weighting!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_iters < 0:
             raise ValueError("lr must be > 0, weight_decay and warmup_iters >= 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        for name in ("train_sequences", "val_sequences"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [value] if isinstance(value, str) else list(value))
 
     def model_config(self, num_classes: int) -> dict[str, Any]:
         """Keyword arguments of :func:`create_segmenter` that rebuild the trained network."""
@@ -291,6 +310,16 @@ def _evaluate_batches(model: Segmenter, batches: Sequence[tuple[np.ndarray, np.n
     return {"miou": mean, "iou": {name: round(float(v), 2) for name, v in zip(class_names, iou) if not math.isnan(v)}}
 
 
+def _check_disjoint(train_folder: SegmentationFolder, val_folder: SegmentationFolder) -> None:
+    """Raise when the validation set holds a training image; warn when the two share a sequence."""
+    shared_files = {p.resolve() for p in train_folder.files} & {p.resolve() for p in val_folder.files}
+    if shared_files:
+        raise ValueError(f"{len(shared_files)} validation images are also training images, e.g. {min(shared_files).name}")
+    shared = sorted({sequence_of(p) for p in train_folder.files} & {sequence_of(p) for p in val_folder.files})
+    if shared:
+        log.warning("training and validation images share sequence(s) %s: the validation mIoU is optimistic", shared)
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -328,9 +357,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     device = torch.device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_folder = open_dataset(config.dataset, config.data_root, config.train_split, config.class_names)
+    train_folder = open_dataset(config.dataset, config.data_root, config.train_split, config.class_names,
+                                config.train_sequences)
     val_root = config.val_root or config.data_root
-    val_folder = open_dataset(config.dataset, val_root, config.val_split, config.class_names) if config.val_split else None
+    val_folder = (open_dataset(config.dataset, val_root, config.val_split, config.class_names, config.val_sequences)
+                  if config.val_split else None)
+    if val_folder is not None:
+        _check_disjoint(train_folder, val_folder)
     val_batches = _val_batches(val_folder, config.short_side, config.eval_batch_size) if val_folder is not None else []
     augment = Augment(config.crop_size, config.scale_range, config.flip_p, config.jitter)
     train_set = TrainSet(train_folder, config.short_side, augment, config.seed)
@@ -343,6 +376,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.algm:
         thresholds = config.algm_thresholds or {}
         apply_algm(model, local_threshold=thresholds.get("local"), global_threshold=thresholds.get("global"), batch_min=True)
+    ema = (ModelEmaV3(model, decay=config.ema_decay, use_warmup=True, warmup_power=config.ema_warmup_power)
+           if config.ema_decay is not None else None)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -357,7 +392,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     criterion = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
 
     start_epoch, step, best, best_epoch, wall = 0, 0, -1.0, -1, 0.0
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    best_ema, best_ema_epoch = -1.0, -1
+    last_path, best_path, best_ema_path = out / "last.pt", out / "best.pt", out / "best_ema.pt"
     if config.resume and last_path.is_file():
         # On the CPU: the RNG states must stay CPU byte tensors; load_state_dict moves the rest to the device.
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
@@ -366,15 +402,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         if device.type == "cuda" and "cuda_rng" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step, best, best_epoch, wall = (ckpt[k] for k in ("epoch", "step", "best_miou", "best_epoch", "wall_s"))
+        best_ema, best_ema_epoch = ckpt.get("best_ema_miou", -1.0), ckpt.get("best_ema_epoch", -1)
         log.info("resumed from %s after epoch %d (step %d)", last_path, start_epoch, step)
     elif last_path.is_file():
         raise ValueError(f"{last_path} exists: pass resume to continue that run, or choose another output folder")
     log_path = out / "log.jsonl"
     _append_json(log_path, event="start" if start_epoch == 0 else "resume", epoch=start_epoch, config=asdict(config),
                  model_config=model_config, steps_per_epoch=steps_per_epoch, train_images=len(train_set),
+                 val_images=len(val_folder) if val_folder is not None else 0,
                  device=str(device), threads=torch.get_num_threads())
 
     meta = {"model_config": model_config, "config": asdict(config), "class_names": list(train_folder.class_names),
@@ -400,6 +440,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             scaler.update()
             scheduler.step()
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise RuntimeError(f"loss became {value} at step {step}; lower the learning rate")
@@ -416,21 +458,34 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if metrics["miou"] > best:
                 best, best_epoch = metrics["miou"], epoch + 1
                 save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "val_miou": best, **meta}, best_path)
+            if ema is not None:
+                ema_metrics = _evaluate_batches(ema.module, val_batches, val_folder.class_names, device)
+                record.update(ema_val_miou=ema_metrics["miou"], ema_val_iou=ema_metrics["iou"])
+                if ema_metrics["miou"] > best_ema:
+                    best_ema, best_ema_epoch = ema_metrics["miou"], epoch + 1
+                    save_checkpoint({"model": ema.module.state_dict(), "epoch": epoch + 1, "val_miou": best_ema, **meta},
+                                    best_ema_path)
         elif val_folder is None:
             best_epoch = epoch + 1
             save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "val_miou": None, **meta}, best_path)
         _append_json(log_path, **record)
-        log.info("epoch %d/%d: loss %.4f%s", epoch + 1, config.epochs, record["loss"],
-                 f", val mIoU {record['val_miou']:.2f}" if "val_miou" in record else "")
-        rng = {"rng": torch.get_rng_state()}
+        log.info("epoch %d/%d: loss %.4f%s%s", epoch + 1, config.epochs, record["loss"],
+                 f", val mIoU {record['val_miou']:.2f}" if "val_miou" in record else "",
+                 f", EMA val mIoU {record['ema_val_miou']:.2f}" if "ema_val_miou" in record else "")
+        state = {"rng": torch.get_rng_state()}
         if device.type == "cuda":
-            rng["cuda_rng"] = torch.cuda.get_rng_state(device)
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **rng,
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
                          "epoch": epoch + 1, "step": step, "best_miou": best, "best_epoch": best_epoch,
+                         "best_ema_miou": best_ema, "best_ema_epoch": best_ema_epoch,
                          "wall_s": wall, **meta}, last_path)
     summary = {"best_miou": best if best >= 0 else None, "best_epoch": best_epoch, "epochs": config.epochs,
                "steps": step, "wall_s": round(wall, 1)}
+    if ema is not None:
+        summary.update(best_ema_miou=best_ema if best_ema >= 0 else None, best_ema_epoch=best_ema_epoch)
     if start_epoch < config.epochs:
         _append_json(log_path, event="done", **summary)
     return summary

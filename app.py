@@ -2,7 +2,8 @@
 
 Host and port also come from ``ALGM_VIZ_HOST``/``ALGM_VIZ_PORT`` or, as Hugging Face Spaces set them,
 ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` (default 127.0.0.1:7860); CPU threads from ``--threads`` or
-``ALGM_VIZ_THREADS``. The same file is the Space's app.
+``ALGM_VIZ_THREADS``; ``--mcp`` (or ``ALGM_VIZ_MCP=1``) also serves the endpoints as MCP tools.
+The same file is the Space's app.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=int(env("ALGM_VIZ_THREADS") or 0),
                         help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared CPU)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--mcp", action="store_true", default=env("ALGM_VIZ_MCP", "").lower() in ("1", "true"),
+                        help="also serve the named endpoints as MCP tools at /gradio_api/mcp/ (or ALGM_VIZ_MCP=1)")
     return parser.parse_args()
 
 
@@ -32,4 +35,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    build_demo().queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_demo().queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                          mcp_server=args.mcp)

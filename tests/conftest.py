@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import cv2
@@ -36,3 +37,10 @@ def tiny_official_model(tmp_path: Path) -> Path:
     model = create_segmenter("vit_tiny_patch16_384", num_classes=3, depth=6, embed_dim=64, num_heads=2, image_size=64,
                              layer_norm_eps=1e-6, mlp_ratio=4.0)
     return save_segmenter(model, tmp_path / "model", TINY_NET)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

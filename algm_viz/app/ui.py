@@ -28,7 +28,7 @@ from ..models import CheckpointError
 from ..plots import pareto_figure, rows_to_csv
 from ..preprocess import ImageError
 from . import analysis
-from .gpu import gpu
+from .gpu import forward_budget, gpu, image_pixels
 from .models import ModelEntry, ModelRegistry
 from .inputs import read_image_file, read_label_file
 from .session import LRU, ImageSession, SessionCache, Settings
@@ -259,13 +259,27 @@ def _examples() -> list[list[str]]:
     return [[str(p)] for p in sorted(EXAMPLES_DIR.glob("*")) if p.suffix.lower() in suffixes] if EXAMPLES_DIR.is_dir() else []
 
 
-def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_duration: int = 60) -> gr.Blocks:
+def _zero_gpu_wrappers(curve_points: int) -> dict[str, Callable[[Callable], Callable]]:
+    """Per endpoint, the ``spaces.GPU`` decorator whose duration follows the request: forward passes the
+    handler runs (from its arguments: curve length, compared methods × knob values) times the image's pixels."""
+    forwards: dict[str, Callable[..., int]] = {
+        "analyze": lambda *_: 2,
+        "curve": lambda *_: curve_points + 1,
+        "balance": lambda *_: 2,
+        "export": lambda *_: curve_points + 5,
+        "compare": lambda label, methods, *_: 2 * (1 + sum(len(METHODS[m].values) for m in methods or () if m in METHODS)) + 2,
+    }
+    return {name: gpu(lambda model, image, *rest, count=count: forward_budget(count(*rest), image_pixels(image)))
+            for name, count in forwards.items()}
+
+
+def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1) -> gr.Blocks:
     """The app. ``gpu_concurrency``: model requests run at once (queue concurrency group ``"gpu"``)."""
     handlers = handlers or Handlers(ModelRegistry())
     default = handlers.registry.default_key()
     entry, status = handlers.model_info(default)
     auto = entry.auto_thresholds
-    on_gpu = gpu(gpu_duration)
+    on_gpu = _zero_gpu_wrappers(len(handlers.thresholds))
     work = {"concurrency_id": "gpu", "concurrency_limit": gpu_concurrency}
 
     with gr.Blocks(title="ALGM token merging") as demo:
@@ -344,21 +358,21 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1, gpu_d
         def chain(event: Any, public: bool = False) -> None:
             """After ``event``: the τ curve, then the attention balance (named endpoints once)."""
             names = ({"api_name": "curve"}, {"api_name": "balance"}) if public else ({"api_visibility": "private"},) * 2
-            event.then(on_gpu(handlers.curve), inputs, [curve_plot, dataset_plot], **names[0], **work) \
-                 .then(on_gpu(handlers.balance), inputs, [balance_plot, balance_summary], **names[1], **work)
+            event.then(on_gpu["curve"](handlers.curve), inputs, [curve_plot, dataset_plot], **names[0], **work) \
+                 .then(on_gpu["balance"](handlers.balance), inputs, [balance_plot, balance_summary], **names[1], **work)
 
         triggers = [image.change, label.change, local_tau.release, global_tau.release, window.change, global_layer.release,
                     prop_attn.change]
-        chain(gr.on(triggers, on_gpu(handlers.analyze), inputs, view_outputs, api_name="analyze",
+        chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
         chain(model.change(handlers.select_model, [model], model_outputs, api_name="select_model", **work)
-              .then(on_gpu(handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+              .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
         gr.on([checkpoint_path.submit, checkpoint_files.upload], handlers.load_checkpoint,
               [checkpoint_path, checkpoint_files], [model], api_name="load_checkpoint", **work)
         chain(auto_button.click(lambda m: tuple(handlers.registry.get(m).auto_thresholds[k] for k in ("local", "global")),
                                 [model], [local_tau, global_tau], api_visibility="private")
-              .then(on_gpu(handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
-        export_button.click(on_gpu(handlers.export), inputs, [export_files], api_name="export", **work)
-        compare_button.click(on_gpu(handlers.compare), [model, image, label, compare_methods_box, map_a, map_b],
+              .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+        export_button.click(on_gpu["export"](handlers.export), inputs, [export_files], api_name="export", **work)
+        compare_button.click(on_gpu["compare"](handlers.compare), [model, image, label, compare_methods_box, map_a, map_b],
                              [pareto_gflops, pareto_speed, compare_maps], api_name="compare", **work)
     return demo

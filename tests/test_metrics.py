@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from algm_viz.evaluation.metrics import confusion_matrix, miou, pixel_accuracy
+from algm_viz.evaluation.metrics import (bootstrap_weights, confusion_matrices, confusion_matrix, miou, miou_batch,
+                                         paired_bootstrap, pixel_accuracy)
 
 
 def test_confusion_matrix_counts_target_rows_prediction_columns():
@@ -87,3 +88,72 @@ def test_bad_input_raises_value_error(pred, target, k):
 def test_miou_rejects_non_square_matrix():
     with pytest.raises(ValueError):
         miou(torch.zeros(2, 3, dtype=torch.long))
+
+
+def _random_confusions(rng: np.random.Generator, images: int, k: int) -> torch.Tensor:
+    """``[N, K, K]`` per-image matrices from random label/prediction maps (mostly correct)."""
+    target = torch.from_numpy(rng.integers(0, k, (images, 6, 7)))
+    pred = torch.where(torch.from_numpy(rng.random((images, 6, 7)) < 0.7), target,
+                       torch.from_numpy(rng.integers(0, k, (images, 6, 7))))
+    return confusion_matrices(pred, target, k)
+
+
+def test_per_image_confusion_matrices_sum_to_the_pooled_one():
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.integers(0, 4, (3, 5, 6)))
+    target[1, :2] = 255
+    pred = torch.from_numpy(rng.integers(0, 3, (3, 5, 6)))
+    per_image = confusion_matrices(pred, target, 3 + 1)
+    assert per_image.shape == (3, 4, 4)
+    assert torch.equal(per_image.sum(0), confusion_matrix(pred, target, 4))
+    for i in range(3):
+        assert torch.equal(per_image[i], confusion_matrix(pred[i], target[i], 4))
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrices(pred + 5, target, 4)
+
+
+def test_miou_batch_matches_miou_per_matrix():
+    stack = _random_confusions(np.random.default_rng(1), 5, 4)
+    stack[2, 3, :] = 0
+    stack[2, :, 3] = 0  # class 3 absent in one matrix: left out of its mean, as miou does
+    assert torch.allclose(miou_batch(stack), torch.tensor([miou(c)[0] for c in stack], dtype=torch.float64))
+    assert math.isnan(float(miou_batch(torch.zeros(1, 3, 3))[0]))
+
+
+def test_bootstrap_of_identical_predictions_is_exactly_zero():
+    stack = _random_confusions(np.random.default_rng(2), 12, 3)
+    result = paired_bootstrap(stack, stack.clone(), resamples=200, seed=3)
+    assert result["delta"] == 0 and result["delta_ci"] == [0.0, 0.0] and result["resamples"] == 200
+    low, high = result["ci"]
+    assert low < miou(stack.sum(0))[0] < high
+
+
+def test_bootstrap_of_a_constant_shift():
+    # Every image: the reference gets 1 of 2 pixels of each class right, the other all; IoU 1/3 vs 1 per class
+    # in every resample, so the difference is exactly 66.67 points whatever the draw.
+    k, images = 2, 9
+    reference = torch.tensor([[1, 1], [1, 1]]).expand(images, k, k).clone()
+    other = torch.tensor([[2, 0], [0, 2]]).expand(images, k, k).clone()
+    result = paired_bootstrap(reference, other, resamples=100, seed=0)
+    assert result["delta"] == pytest.approx(200 / 3)
+    assert result["delta_ci"] == pytest.approx([200 / 3, 200 / 3])
+
+
+def test_bootstrap_matches_a_brute_force_resampling():
+    rng = np.random.default_rng(4)
+    reference, other = _random_confusions(rng, 4, 3), _random_confusions(rng, 4, 3)
+    resamples, seed = 64, 7
+    weights = bootstrap_weights(4, resamples, seed)
+    assert torch.equal(weights.sum(1), torch.full((resamples,), 4.0))  # each resample draws N images
+    draws = torch.randint(4, (resamples, 4), generator=torch.Generator().manual_seed(seed))
+    deltas = []
+    for row in draws:  # resample by hand: pool the drawn images (with repeats) and take the mIoU
+        deltas.append(miou(other[row].sum(0))[0] - miou(reference[row].sum(0))[0])
+    expected = np.quantile(np.array(deltas), [0.025, 0.975])
+    result = paired_bootstrap(reference, other, resamples=resamples, seed=seed, chunk=10)
+    assert result["delta_ci"] == pytest.approx(expected.tolist())
+    assert result["delta"] == pytest.approx(miou(other.sum(0))[0] - miou(reference.sum(0))[0])
+    assert paired_bootstrap(reference, other, resamples=resamples, seed=seed) == result  # seeded
+    assert paired_bootstrap(reference, other, resamples=resamples, seed=seed + 1)["delta_ci"] != result["delta_ci"]
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap(reference, other[:3])

@@ -16,8 +16,10 @@ import copy
 import cv2
 import numpy as np
 
+from . import preprocess
+
 __all__ = ["IGNORE_INDEX", "SegmentationFolder", "camvid", "ade20k", "folder", "open_dataset", "read_image", "read_label",
-           "sequence_of", "join_folders", "select_sequences", "parse_sequences"]
+           "sequence_of", "join_folders", "select_sequences", "parse_sequences", "spread_indices"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -30,19 +32,14 @@ CAMVID_COLORS = (
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """``[H, W, 3]`` uint8 RGB."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """``[H, W, 3]`` uint8 RGB, upright (EXIF orientation applied); see :func:`algm_viz.preprocess.read_image`."""
+    return preprocess.read_image(path)
 
 
 def read_label(path: str | Path) -> np.ndarray:
-    """``[H, W]`` integer label map as stored."""
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise ValueError(f"cannot read label map {path}")
-    return label if label.ndim == 2 else label[..., 0]
+    """``[H, W]`` integer label map as stored (a palette PNG gives its indices); see
+    :func:`algm_viz.preprocess.read_label`."""
+    return preprocess.read_label(path)
 
 
 def _distinct_colors(n: int) -> tuple[tuple[int, int, int], ...]:
@@ -138,6 +135,36 @@ def parse_sequences(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
     parts = text.split(",") if isinstance(text, str) else list(text)
     names = tuple(p.strip() for p in parts if p.strip())
     return names or None
+
+
+def spread_indices(dataset: Sequence | SegmentationFolder, count: int | None, seed: int = 0) -> list[int]:
+    """Indices of ``count`` items spread over the whole of ``dataset`` (all of them when ``count`` is None or
+    not smaller), in data-set order.
+
+    Stratified by sequence (:func:`sequence_of` of ``dataset.files`` where it has files; one stratum
+    otherwise): each sequence gets its share of ``count`` (largest remainder, ties broken at random), and
+    the images within a sequence are drawn at random without replacement; seeded by ``seed``.
+    """
+    total = len(dataset)
+    if count is None or count >= total:
+        return list(range(total))
+    if count <= 0:
+        raise ValueError(f"count must be positive, got {count}")
+    files = getattr(dataset, "files", None)
+    keys = [sequence_of(p) for p in files] if files is not None else [""] * total
+    strata: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        strata.setdefault(key, []).append(index)
+    rng = np.random.default_rng(seed)
+    members = list(strata.values())
+    quotas = np.array([count * len(m) / total for m in members])
+    shares = np.floor(quotas).astype(int)
+    tie_break = rng.permutation(len(members))
+    order = sorted(range(len(members)), key=lambda i: (-(quotas[i] - shares[i]), tie_break[i]))
+    for i in order[: count - int(shares.sum())]:
+        shares[i] += 1
+    chosen = [int(v) for m, k in zip(members, shares) for v in rng.choice(m, size=int(k), replace=False)]
+    return sorted(chosen)
 
 
 def select_sequences(folder: SegmentationFolder, sequences: Sequence[str] | None) -> SegmentationFolder:

@@ -1,16 +1,123 @@
-"""Images in, model inputs out: validation, resizing and normalisation."""
+"""Images in, model inputs out: reading files safely, validation and normalisation.
+
+Every image and label map this project reads goes through :func:`read_image` / :func:`read_label`:
+the pixel count is checked from the file header before anything is decoded, the EXIF orientation is
+applied, palette (P-mode) label maps give their indices, and only plain raster formats are opened
+(no format whose plugin runs an external program).
+"""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 import torch
 from torch import Tensor
 
-__all__ = ["to_rgb_uint8", "normalize", "ImageError"]
+__all__ = ["to_rgb_uint8", "normalize", "ImageError", "read_image", "read_label", "check_label", "MAX_PIXELS",
+           "IMAGE_FORMATS"]
+
+#: Largest image (width × height) any reader decodes; also PIL's decompression-bomb limit.
+MAX_PIXELS = 64_000_000
+#: Formats PIL may open (header sniffing is limited to these).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+
+PIL.Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class ImageError(ValueError):
     """An input that cannot be used as an image, with the reason."""
+
+
+def _open_checked(path: str | Path, max_pixels: int, what: str) -> PIL.Image.Image:
+    """The decoded, EXIF-oriented image at ``path``; refuses files over ``max_pixels`` from the header."""
+    name = Path(path).name
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        raise ImageError(f"{name}: no such file or an empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(path, formats=IMAGE_FORMATS)  # reads the header only
+    except PIL.Image.DecompressionBombError:
+        raise ImageError(f"{name} is larger than {max_pixels // 1_000_000} megapixels: refused") from None
+    except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise ImageError(f"{name} is not {what} this app can read (corrupt file or unsupported format)") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(f"{name} is {width}×{height} pixels; at most {max_pixels // 1_000_000} megapixels are accepted")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image.load()
+            return PIL.ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageError(f"{name} is not {what} this app can read ({error})") from None
+    finally:
+        image.close()
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """``array`` in native byte order (PIL gives big-endian arrays for some 16-bit modes)."""
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Image file -> ``[H, W, 3]`` uint8 RGB, upright (EXIF orientation applied).
+
+    Gray, gray+alpha, palette, RGB(A), CMYK, 16-bit gray and float images are accepted; alpha is dropped.
+    Raises :class:`ImageError` for files that are no image and images over ``max_pixels``.
+    """
+    image = _open_checked(path, max_pixels, "an image")
+    if image.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", "La"):
+        image = image.convert("RGBA" if image.mode in ("PA", "RGBa") or "transparency" in image.info else "RGB")
+    return to_rgb_uint8(_native(np.asarray(image)))
+
+
+def read_label(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Label-map file -> ``[H, W]`` class ids as stored (uint8, or uint16/int32 for 16-/32-bit maps).
+
+    A palette (P-mode) PNG gives its indices, not its colours; a gray image stored as RGB gives its one
+    channel. Raises :class:`ImageError` for a colour-coded label map (channels differ), files that are
+    no image and maps over ``max_pixels``.
+    """
+    image = _open_checked(path, max_pixels, "a label map")
+    if image.mode == "1":
+        image = image.convert("L")
+    array = _native(np.asarray(image))
+    if array.ndim == 3:
+        colour = array[..., :3] if array.shape[2] >= 3 else array[..., :1]
+        if (colour != colour[..., :1]).any():
+            raise ImageError(f"{Path(path).name} is a colour image: a label map stores one class id per pixel "
+                             "(a gray or palette PNG)")
+        array = colour[..., 0]
+    return np.ascontiguousarray(array)
+
+
+def check_label(label: np.ndarray, num_classes: int, ignore_index: int) -> tuple[np.ndarray, str | None]:
+    """Class ids ``[H, W]`` -> (``[H, W]`` int64 with values outside ``0..num_classes-1`` set to
+    ``ignore_index``, a note saying how many pixels were ignored and why, or None when only
+    ``ignore_index`` pixels were).
+
+    Raises :class:`ImageError` when no pixel holds a class of the model (the mIoU would be empty).
+    """
+    values = np.asarray(label).astype(np.int64)
+    valid = (values >= 0) & (values < num_classes)
+    outside = ~valid & (values != ignore_index)
+    bits = f"{np.asarray(label).dtype.itemsize * 8}-bit "
+    if not valid.any():
+        raise ImageError(f"the label map has no pixel with a class id in 0..{num_classes - 1} ({bits}values "
+                         f"{int(values.min())}..{int(values.max())}): it is not a label map for this model")
+    if not outside.any():
+        return np.where(valid, values, ignore_index), None
+    found = np.unique(values[outside])
+    shown = ", ".join(str(int(v)) for v in found[:5]) + (", …" if len(found) > 5 else "")
+    note = (f"{100.0 * outside.mean():.1f} % of the label map's pixels hold values outside the model's classes "
+            f"0..{num_classes - 1} ({bits}map; values {shown}): they are ignored")
+    return np.where(valid, values, ignore_index), note
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:

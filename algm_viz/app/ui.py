@@ -26,7 +26,7 @@ from ..compare_cli import merge_maps, parse_spec
 from ..methods import METHODS
 from ..models import CheckpointError
 from ..plots import pareto_figure, rows_to_csv
-from ..preprocess import ImageError
+from ..preprocess import MAX_PIXELS, ImageError
 from . import analysis
 from .gpu import forward_budget, gpu, image_pixels
 from .models import ModelEntry, ModelRegistry
@@ -66,10 +66,15 @@ class ImageInput(gr.Image):
 
     def preprocess(self, payload: Any) -> str | None:
         try:
-            return super().preprocess(payload)
+            return super().preprocess(payload)  # opens the header only (type="filepath", image_mode=None)
+        except PIL.Image.DecompressionBombError as error:
+            raise gr.Error(f"{self._name(payload)} is larger than {MAX_PIXELS // 1_000_000} megapixels: refused") from error
         except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            name = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the upload").name
-            raise gr.Error(f"{name} is not an image this app can read (corrupt file or unsupported format)") from error
+            raise gr.Error(f"{self._name(payload)} is not an image this app can read (corrupt file or unsupported format)") from error
+
+    @staticmethod
+    def _name(payload: Any) -> str:
+        return Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the upload").name
 
 
 class PictureFiles:

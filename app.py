@@ -15,6 +15,7 @@ import os
 import torch
 
 from algm_viz.app import build_demo
+from algm_viz.app.files import exit_on_sigterm
 
 
 def _parse_args() -> argparse.Namespace:
@@ -33,6 +34,7 @@ def _parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     args = _parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    exit_on_sigterm()  # so that exit handlers remove the temporary folders
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     build_demo().queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,

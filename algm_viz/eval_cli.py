@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import apply_algm
-from .datasets import SegmentationFolder, open_dataset
+from .datasets import SegmentationFolder, open_dataset, parse_sequences, sequence_of, spread_indices
 from .evaluation.balance import aggregate_balance, attention_balance
 from .evaluation.calibrate import calibrate, store_thresholds
 from .evaluation.distributed import setup, teardown
@@ -56,18 +56,26 @@ def _add_data_args(parser: argparse.ArgumentParser, split: str | None) -> None:
     parser.add_argument("--model", required=True, help="bundled name/folder, official checkpoint, or untrained:<backbone>")
     parser.add_argument("--data", required=True, type=Path, help="data set root folder")
     parser.add_argument("--dataset", choices=("camvid", "ade20k", "folder"), default="camvid", help="data set layout")
-    parser.add_argument("--split", default=split, help="split (default: val for camvid, validation for ade20k)")
+    parser.add_argument("--split", default=split,
+                        help="split; a CamVid split may join folders, e.g. train+val (None: val for camvid, validation "
+                             "for ade20k; calibrate: the training split)")
+    parser.add_argument("--sequences", metavar="A,B",
+                        help="use only the images of these sequences (file-name prefixes, e.g. 0006R0); None = all")
     parser.add_argument("--classes", help="folder layout: class names, comma-separated or a file with one per line")
-    parser.add_argument("--limit", type=int, help="use only the first N images")
-    parser.add_argument("--short-side", type=int, help="resize images to this short side (default: the model's)")
+    parser.add_argument("--limit", type=int,
+                        help="use only N images spread over the whole set (seeded by --seed, stratified by file-name "
+                             "prefix); None = all")
+    parser.add_argument("--short-side", type=int, help="resize images to this short side (None: the model's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed for untrained:<backbone> weights")
+    parser.add_argument("--threads", type=int, help="torch and OpenCV CPU threads (None: the libraries' choice)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds untrained:<backbone> weights, the --limit draw and the bootstrap resamples")
 
 
 def _add_algm_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--local-layer", type=int, default=1, help="CLAP layer, 1-based (default 1)")
-    parser.add_argument("--global-layer", type=int, default=5, help="GBM layer, 1-based (default 5)")
-    parser.add_argument("--window", type=_window, default=(2, 2), help="CLAP window, k or kh,kw (default 2)")
+    parser.add_argument("--local-layer", type=int, default=1, help="CLAP layer, 1-based")
+    parser.add_argument("--global-layer", type=int, default=5, help="GBM layer, 1-based")
+    parser.add_argument("--window", type=_window, default="2", help="CLAP window, k or kh,kw")
 
 
 def _dataset(args: argparse.Namespace) -> SegmentationFolder:
@@ -75,7 +83,10 @@ def _dataset(args: argparse.Namespace) -> SegmentationFolder:
     if args.classes:
         path = Path(args.classes)
         names = [n.strip() for n in (path.read_text().splitlines() if path.is_file() else args.classes.split(",")) if n.strip()]
-    return open_dataset(args.dataset, args.data, args.split, names)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
+    return open_dataset(args.dataset, args.data, args.split, names, parse_sequences(args.sequences))
 
 
 def _model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
@@ -88,8 +99,9 @@ def _model(args: argparse.Namespace, num_classes: int, device: torch.device) -> 
     return model.to(device).eval()
 
 
-def _limit(dataset: Any, limit: int | None) -> int:
-    return len(dataset) if limit is None else min(limit, len(dataset))
+def _selection(dataset: Any, args: argparse.Namespace) -> list[int]:
+    """The images a command uses: all, or ``--limit`` of them spread over the set (:func:`spread_indices`)."""
+    return spread_indices(dataset, args.limit, args.seed)
 
 
 def _write_json(data: Any, path: Path) -> None:
@@ -107,12 +119,18 @@ def run_sweep(args: argparse.Namespace) -> int:
             taus=parse_taus(args.taus), methods=[m.strip() for m in args.methods.split(",")],
             local_layer=args.local_layer, global_layer=args.global_layer, window=args.window, values=dict(args.values or []),
             short_side=args.short_side, batch_size=args.batch_size, warmup=args.warmup,
-            flops_images=None if args.flops_images < 0 else args.flops_images, limit=args.limit,
+            flops_images=None if args.flops_images < 0 else args.flops_images, limit=args.limit, seed=args.seed,
+            bootstrap=args.bootstrap, confidence=args.confidence,
         )
         rows = sweep(model, dataset, config, context, progress=True)
         if context.is_main:
             out = args.out
             meta = {"model": args.model, "dataset": dataset.name, "data": str(args.data), "split": args.split,
+                    "sequences": sorted({sequence_of(dataset.files[i]) for i in spread_indices(dataset, args.limit, args.seed)}),
+                    "images": rows[0]["images"] if rows else 0,
+                    "uncertainty": f"delta_miou_ci: paired bootstrap ({config.bootstrap} resamples of the images, seed "
+                                   f"{config.seed}) of the pooled-mIoU difference to the baseline, "
+                                   f"{100 * config.confidence:g}% percentile interval; miou_ci: the row's own mIoU",
                     "class_names": list(dataset.class_names), "processes": context.world_size,
                     "device": str(context.device), "short_side": config.short_side or default_short_side(model),
                     "inference": "whole image", "config": asdict(config),
@@ -128,8 +146,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _images(dataset: Any, limit: int):
-    for index in range(limit):
+def _images(dataset: Any, indices: list[int]):
+    for index in indices:
         yield dataset[index][0]
 
 
@@ -142,10 +160,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     device = torch.device(args.device)
     model = _model(args, dataset.num_classes, device)
-    count = _limit(dataset, args.limit)
+    indices = _selection(dataset, args)
     short_side = args.short_side or default_short_side(model)
-    result = calibrate(model, _images(dataset, count), (args.local_layer, args.global_layer), args.window,
-                       short_side=short_side, device=device, progress=True, total=count)
+    result = calibrate(model, _images(dataset, indices), (args.local_layer, args.global_layer), args.window,
+                       short_side=short_side, device=device, progress=True, total=len(indices))
     result["choice"] = "auto τ = μ + σ over all token pairs per layer (paper Sec. 3.3); window τ reported only"
     _write_json(result, args.out)
     log.info("τ local %.4f (window statistic %.4f), τ global %.4f", result["local"], result["window"]["tau"], result["global"])
@@ -165,11 +183,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     device = torch.device(args.device)
     model = _model(args, dataset.num_classes, device)
-    count = _limit(dataset, args.limit)
+    indices = _selection(dataset, args)
     result = similarity_analysis(
-        model, (dataset[i] for i in range(count)), dataset.num_classes, window_sizes=_int_list(args.windows),
+        model, (dataset[i] for i in indices), dataset.num_classes, window_sizes=_int_list(args.windows),
         local_layer=args.local_layer, layers=_int_list(args.layers) if args.layers else None,
-        short_side=args.short_side or default_short_side(model), device=device, progress=True, total=count,
+        short_side=args.short_side or default_short_side(model), device=device, progress=True, total=len(indices),
     )
     _write_json(result, args.out)
     write_html([similarity_figure(result)], args.out.with_suffix(".html"), title="algm-viz similarity analysis")
@@ -183,7 +201,7 @@ def run_balance(args: argparse.Namespace) -> int:
     apply_algm(model, args.local_layer, args.global_layer, args.window, args.tau, args.tau)
     short_side = args.short_side or default_short_side(model)
     per_image = []
-    for index in range(_limit(dataset, args.limit)):
+    for index in _selection(dataset, args):
         image, label = dataset[index]
         x = prepare(model, image, short_side, device)
         if args.labels == "pred" or label is None:
@@ -201,20 +219,28 @@ def run_balance(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sweep", help="mIoU, images/s, GFLOPs and tokens for the baseline and each method × τ")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser("sweep", help="mIoU, images/s, GFLOPs and tokens for the baseline and each method × τ",
+                              formatter_class=formatter)
     _add_data_args(p, None)
     _add_algm_args(p)
     p.add_argument("--taus", default="0.80:0.98:0.02", help="start:stop:step (inclusive) or a,b,c; 'auto' (alone or as an item) adds the model's calibrated τ pair")
     p.add_argument("--methods", default="baseline,algm", help=f"comma-separated, from {','.join(available_methods())}")
     p.add_argument("--values", type=_method_values, action="append", metavar="METHOD=V1,V2",
                    help="knob values of a non-τ method, e.g. tome=4,8 (repeatable; default: the method's own)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward (default 1)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed forwards per configuration (default 2)")
-    p.add_argument("--flops-images", type=int, default=8, help="images per process GFLOPs are averaged over (-1: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards per configuration")
+    p.add_argument("--flops-images", type=int, default=-1,
+                   help="GFLOPs averaged over every evaluated image (-1), or over the first N per process (a faster "
+                        "estimate; each row records how many)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="paired bootstrap resamples over images for the ΔmIoU interval against the baseline (0: none)")
+    p.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap interval")
     p.add_argument("--out", type=Path, default=Path("results.json"), help="JSON out; .csv and .html written beside it")
     p.set_defaults(run=run_sweep)
 
-    p = subparsers.add_parser("calibrate", help="automatic τ = μ + σ of token similarities (paper Sec. 3.3)")
+    p = subparsers.add_parser("calibrate", help="automatic τ = μ + σ of token similarities (paper Sec. 3.3)",
+                              formatter_class=formatter)
     _add_data_args(p, None)  # split default: the training split (TRAIN_SPLITS)
     _add_algm_args(p)
     p.add_argument("--store", action="store_true",
@@ -222,19 +248,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("calibration.json"), help="JSON with the statistics")
     p.set_defaults(run=run_calibrate)
 
-    p = subparsers.add_parser("analyze", help="intra- vs inter-class token similarity (paper Fig. 2)")
+    p = subparsers.add_parser("analyze", help="intra- vs inter-class token similarity (paper Fig. 2)",
+                              formatter_class=formatter)
     _add_data_args(p, None)
-    p.add_argument("--local-layer", type=int, default=1, help="layer of the window analysis (default 1)")
-    p.add_argument("--windows", default="2:8", help="window sizes k, from:to or a,b (default 2:8)")
-    p.add_argument("--layers", help="layers of the global analysis (default all), e.g. 1:12")
+    p.add_argument("--local-layer", type=int, default=1, help="layer of the window analysis")
+    p.add_argument("--windows", default="2:8", help="window sizes k, from:to or a,b")
+    p.add_argument("--layers", help="layers of the global analysis, e.g. 1:12 (None: all)")
     p.add_argument("--out", type=Path, default=Path("similarity.json"), help="JSON out; .html written beside it")
     p.set_defaults(run=run_analyze)
 
-    p = subparsers.add_parser("balance", help="class shares of tokens and attention, without and with ALGM")
+    p = subparsers.add_parser("balance", help="class shares of tokens and attention, without and with ALGM",
+                              formatter_class=formatter)
     _add_data_args(p, None)
     _add_algm_args(p)
-    p.add_argument("--tau", type=float, help="τ for both stages (default: the model's calibrated or the authors')")
+    p.add_argument("--tau", type=float, help="τ for both stages (None: the model's calibrated or the authors')")
     p.add_argument("--labels", choices=("gt", "pred"), default="gt", help="token classes from ground truth or prediction")
-    p.add_argument("--layers", help="layers to average attention over (default: after the global merge)")
+    p.add_argument("--layers", help="layers to average attention over (None: those after the global merge)")
     p.add_argument("--out", type=Path, default=Path("balance.json"), help="JSON out; .html written beside it")
     p.set_defaults(run=run_balance)

@@ -3,8 +3,12 @@
 A sweep *row* is a dict: ``{"method": "baseline"|"algm"|"clap"|"gbm", "local_threshold": float|None,
 "global_threshold": float|None, "miou": float (%), "per_class_iou": list (%, NaN = absent),
 "images_per_s": float (median), "images_per_s_spread": [p25, p75], "gflops": float,
-"tokens": {"patches": float, "local": float, "global": float, "final": float}}``, plus ``"knob"``
-(``"τ"``, ``"r"``, ...) and ``"value"`` for methods other than ALGM's.
+"tokens": {"patches": float, "local": float|None, "global": float|None, "final": float}}``, plus ``"knob"``
+(``"τ"``, ``"r"``, ...) and ``"value"`` for methods other than ALGM's. A sweep adds ``"delta_miou"`` (mIoU
+minus the baseline's, points), ``"delta_miou_ci"`` ``[low, high]`` (paired bootstrap interval over images),
+``"miou_ci"``, ``"flops_images"``, ``"images"`` and ``"stages"`` (``[{"name", "layer", "tokens"}]``).
+Figures draw ``delta_miou_ci`` as mIoU error bars around each point: a bar that reaches the baseline line
+marks a difference the images do not resolve.
 """
 
 from __future__ import annotations
@@ -67,11 +71,33 @@ def _spread(rows: Sequence[Row]) -> dict[str, Any] | None:
     }
 
 
+def _delta_error(rows: Sequence[Row]) -> dict[str, Any] | None:
+    """mIoU error bars from each row's paired bootstrap interval of ΔmIoU, placed around its mIoU (None when a
+    row has no interval)."""
+    intervals = [r.get("delta_miou_ci") for r in rows]
+    if not rows or any(ci is None or r.get("delta_miou") is None for ci, r in zip(intervals, rows)):
+        return None
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [ci[1] - r["delta_miou"] for ci, r in zip(intervals, rows)],
+        "arrayminus": [r["delta_miou"] - ci[0] for ci, r in zip(intervals, rows)],
+    }
+
+
+def _delta_text(row: Row) -> str:
+    """``ΔmIoU -0.81 [-1.52, -0.10]`` (empty without an interval)."""
+    ci = row.get("delta_miou_ci")
+    if ci is None or row.get("delta_miou") is None:
+        return ""
+    return f"ΔmIoU {row['delta_miou']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
 def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_label: str = "mIoU (%)") -> go.Figure:
-    """mIoU (left axis, solid) and images/s (right axis, dashed, p25–p75 error bars) against τ, one colour
-    per τ method (methods with another knob are left out); a calibrated (local, global) pair (``value`` =
-    ``"auto"``) as a star at its local τ; the baseline as horizontal reference lines; ``current`` τ as a
-    vertical marker."""
+    """mIoU (left axis, solid, error bars = the paired bootstrap interval of ΔmIoU against the baseline where the
+    rows have one) and images/s (right axis, dashed, p25–p75 error bars) against τ, one colour per τ method
+    (methods with another knob are left out); a calibrated (local, global) pair (``value`` = ``"auto"``) as a
+    star at its local τ; the baseline as horizontal reference lines; ``current`` τ as a vertical marker."""
     figure = make_subplots(specs=[[{"secondary_y": True}]])
     tau_methods = [m for m in _methods(rows) if any(r["method"] == m and row_threshold(r) is not None for r in rows)]
     for color, method in zip(_PALETTE * 4, tau_methods):
@@ -80,7 +106,8 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
         taus = [row_threshold(r) for r in points]
         figure.add_trace(
             go.Scatter(x=taus, y=[r["miou"] for r in points], mode="lines+markers", name=f"{method} {quality_label}",
-                       line={"color": color}, legendgroup=method),
+                       line={"color": color}, legendgroup=method, error_y=_delta_error(points),
+                       text=[_delta_text(r) for r in points]),
             secondary_y=False,
         )
         figure.add_trace(
@@ -94,7 +121,7 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
             figure.add_trace(
                 go.Scatter(x=[row_threshold(row)], y=[row["miou"]], mode="markers", name=f"{method} at the {pair}",
                            marker={"color": color, "symbol": "star", "size": 14, "line": {"color": "black", "width": 1}},
-                           legendgroup=method),
+                           legendgroup=method, error_y=_delta_error([row]), text=[_delta_text(row)]),
                 secondary_y=False,
             )
     for base in (r for r in rows if r["method"] == "baseline"):
@@ -112,7 +139,8 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
 
 
 def pareto_figure(rows: Sequence[Row], x: str = "gflops") -> go.Figure:
-    """mIoU against ``x`` (``"gflops"`` or ``"images_per_s"``), one trace per method; the baseline as a star."""
+    """mIoU against ``x`` (``"gflops"`` or ``"images_per_s"``), one trace per method (error bars: the paired
+    bootstrap interval of ΔmIoU where the rows have one); the baseline as a star."""
     labels = {"gflops": "GFLOPs per image", "images_per_s": "throughput (images/s)"}
     if x not in labels:
         raise ValueError(f"x must be one of {sorted(labels)}, got {x!r}")
@@ -121,8 +149,8 @@ def pareto_figure(rows: Sequence[Row], x: str = "gflops") -> go.Figure:
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
         figure.add_trace(go.Scatter(
             x=[r[x] for r in points], y=[r["miou"] for r in points], mode="lines+markers", name=method,
-            line={"color": color}, text=[_label(r) for r in points],
-            hovertemplate="%{text}<br>%{x:.3g}<br>mIoU %{y:.2f}<extra>" + method + "</extra>",
+            line={"color": color}, text=[" ".join(filter(None, (_label(r), _delta_text(r)))) for r in points],
+            hovertemplate="%{text}<br>%{x:.3g}<br>mIoU %{y:.2f}<extra>" + method + "</extra>", error_y=_delta_error(points),
         ))
     base = [r for r in rows if r["method"] == "baseline"]
     if base:
@@ -179,9 +207,10 @@ def rows_to_csv(rows: Sequence[Row], path: str | Path, class_names: Sequence[str
     """Write sweep rows as CSV, one column per scalar, per token stage and per class IoU."""
     num_classes = max((len(r.get("per_class_iou", ())) for r in rows), default=0)
     classes = list(class_names) if class_names else [str(c) for c in range(num_classes)]
-    header = ["method", "local_threshold", "global_threshold", "knob", "value", "miou", "images_per_s",
-              "images_per_s_p25", "images_per_s_p75", "gflops", "tokens_patches", "tokens_local", "tokens_global",
-              "tokens_final"]
+    header = ["method", "local_threshold", "global_threshold", "knob", "value", "miou", "miou_low", "miou_high",
+              "delta_miou", "delta_miou_low", "delta_miou_high", "images", "images_per_s", "images_per_s_p25",
+              "images_per_s_p75", "gflops", "flops_images", "tokens_patches", "tokens_local", "tokens_global",
+              "tokens_final", "tokens_by_stage"]
     header += [f"iou_{name}" for name in classes]
     path = Path(path)
     with path.open("w", newline="") as handle:
@@ -189,10 +218,14 @@ def rows_to_csv(rows: Sequence[Row], path: str | Path, class_names: Sequence[str
         writer.writerow(header)
         for r in rows:
             spread = r.get("images_per_s_spread") or [math.nan, math.nan]
+            miou_ci = r.get("miou_ci") or [None, None]
+            delta_ci = r.get("delta_miou_ci") or [None, None]
             tokens = r.get("tokens", {})
+            stages = " ".join(f"{s['name']}:{s['tokens']:.1f}" for s in r.get("stages", ()))
             writer.writerow([r["method"], r.get("local_threshold"), r.get("global_threshold"), r.get("knob"),
-                             r.get("value"), r["miou"], r["images_per_s"], spread[0], spread[1], r.get("gflops"),
-                             *(tokens.get(stage) for stage in ("patches", "local", "global", "final")),
+                             r.get("value"), r["miou"], *miou_ci, r.get("delta_miou"), *delta_ci, r.get("images"),
+                             r["images_per_s"], spread[0], spread[1], r.get("gflops"), r.get("flops_images"),
+                             *(tokens.get(stage) for stage in ("patches", "local", "global", "final")), stages,
                              *r.get("per_class_iou", ())])
     return path
 

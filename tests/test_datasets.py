@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from algm_viz.datasets import (IGNORE_INDEX, ade20k, camvid, folder, join_folders, open_dataset, parse_sequences,
-                               read_label, select_sequences, sequence_of)
+                               read_label, select_sequences, sequence_of, spread_indices)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -112,3 +112,21 @@ def test_sequence_selection_join_and_errors(tmp_path):
         select_sequences(joined, ["s9"])
     with pytest.raises(ValueError, match="share file names"):
         join_folders([one, one])
+
+
+def test_spread_indices_stratify_by_sequence_and_are_seeded(tmp_path):
+    counts = {"aa": 6, "bb": 3, "cc": 1}
+    for stem in (f"{seq}_{i}" for seq, n in counts.items() for i in range(n)):
+        _write(tmp_path / "images" / f"{stem}.png", np.zeros((2, 2, 3), np.uint8))
+    ds = folder(tmp_path / "images", None, ["x"])
+    chosen = spread_indices(ds, 5, seed=0)
+    assert chosen == sorted(set(chosen)) and len(chosen) == 5
+    picked = [sequence_of(ds.files[i]) for i in chosen]
+    assert picked.count("aa") == 3 and picked.count("bb") in (1, 2) and picked.count("cc") in (0, 1)  # 3, 1.5, 0.5
+    assert spread_indices(ds, 5, seed=0) == chosen
+    assert {tuple(spread_indices(ds, 5, seed=s)) for s in range(8)} != {tuple(chosen)}
+    assert spread_indices(ds, None) == spread_indices(ds, 99) == list(range(10))
+    assert [sequence_of(ds.files[i]) for i in spread_indices(ds, 3, seed=1)].count("aa") >= 1
+    assert len(spread_indices(list(range(7)), 4, seed=2)) == 4  # no files: one stratum
+    with pytest.raises(ValueError):
+        spread_indices(ds, 0)

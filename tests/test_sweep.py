@@ -122,6 +122,13 @@ def test_other_engine_methods_sweep_their_own_knob(data):
     assert (r3["knob"], r3["value"], r3["local_threshold"], r3["global_threshold"]) == ("r", 3.0, None, None)
     assert r0["tokens"]["final"] == base["tokens"]["final"]
     assert r3["tokens"]["final"] < r0["tokens"]["final"]  # r = 3 tokens fewer in each of the 6 layers
+    # no CLAP/GBM stage: no local/global count, but the real count after each of the 6 ToMe layers
+    assert r3["tokens"]["local"] is None and r3["tokens"]["global"] is None
+    assert [(s["name"], s["layer"]) for s in r3["stages"]] == [(f"tome{layer}", layer) for layer in range(1, 7)]
+    counts = [s["tokens"] for s in r3["stages"]]
+    assert counts == sorted(counts, reverse=True) and counts[0] < r3["tokens"]["patches"]
+    assert counts[-1] == r3["tokens"]["final"]
+    assert base["stages"] == [] and base["tokens"]["local"] == base["tokens"]["patches"]
     assert algm_state(model) is None
 
 
@@ -147,6 +154,10 @@ def test_every_algm_variant_sweeps_the_calibrated_pair(data):
 
 def test_parse_taus_and_config_errors():
     assert parse_taus("auto") == ["auto"] and parse_taus("0.9,auto,0.8") == [0.8, 0.9, "auto"]
+    # 7 values, exact decimals (0.96 is not on this grid: 0.70 + 7 * 0.04 = 0.98 > 0.96)
+    assert parse_taus("0.70:0.96:0.04") == [0.7, 0.74, 0.78, 0.82, 0.86, 0.9, 0.94]
+    assert parse_taus("0.60:0.96:0.04")[-1] == 0.96 and len(parse_taus("0.60:0.96:0.04")) == 10
+    assert parse_taus("0.1:0.3:0.1") == [0.1, 0.2, 0.3] and parse_taus("0.5:0.55:0.1") == [0.5]
     taus = parse_taus("0.80:0.98:0.02")
     assert len(taus) == 10 and taus[0] == 0.8 and taus[-1] == pytest.approx(0.98)
     assert parse_taus("0.9, 0.8") == [0.8, 0.9]
@@ -159,13 +170,42 @@ def test_parse_taus_and_config_errors():
         SweepConfig(batch_size=0)
 
 
+def test_every_row_carries_its_difference_to_the_baseline_with_an_interval(data):
+    model = _model()
+    config = SweepConfig(taus=[1.0, -2.0], methods=["baseline", "algm"], warmup=0, bootstrap=200, seed=1)
+    base, no_merge, all_merge = sweep(model, data, config, progress=False)
+    assert base["flops_images"] == base["images"] == len(data)  # GFLOPs over every image by default
+    assert (base["delta_miou"], base["delta_miou_ci"]) == (0.0, [0.0, 0.0])
+    assert (no_merge["delta_miou"], no_merge["delta_miou_ci"]) == (0.0, [0.0, 0.0])  # identical predictions
+    low, high = all_merge["delta_miou_ci"]
+    assert low <= all_merge["delta_miou"] <= high and low < high
+    assert all_merge["delta_miou"] == pytest.approx(all_merge["miou"] - base["miou"])
+    assert base["miou_ci"][0] <= base["miou"] <= base["miou_ci"][1]
+    assert all_merge["bootstrap"] == {"resamples": 200, "seed": 1, "confidence": 0.95, "paired_with": "baseline"}
+    again = sweep(model, data, config, progress=False)[2]
+    assert again["delta_miou_ci"] == all_merge["delta_miou_ci"]  # seeded
+    (alone,) = sweep(model, data, SweepConfig(taus=[-2.0], methods=["algm"], warmup=0, bootstrap=0, limit=3), progress=False)
+    assert alone["delta_miou"] is None and alone["miou_ci"] is None and alone["images"] == 3
+
+
+def test_progress_lines_off_a_terminal(data, caplog, monkeypatch):
+    monkeypatch.setattr(sweep_module.sys.stdout, "isatty", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="algm_viz.evaluation.sweep"):
+        sweep(_model(), data, SweepConfig(taus=[0.5], methods=["baseline", "algm"], warmup=0, flops_images=0,
+                                          bootstrap=0, log_every_s=0.0), progress=True)
+    lines = [r.getMessage() for r in caplog.records if "images/s, ETA" in r.getMessage()]
+    assert any(line.startswith(f"baseline: 1/{2 * len(data)} images") for line in lines)
+    assert lines[-1].startswith(f"algm τ=0.5 done (2/2 configurations): {2 * len(data)}/{2 * len(data)} images")
+    assert lines[-1].endswith("ETA 0 s")
+
+
 def test_cli_writes_json_csv_and_html(tmp_path):
     root = make_data(tmp_path / "data")
     folder = save_segmenter(_model(), tmp_path / "model", NET)
     out = tmp_path / "out" / "results.json"
     code = main(["sweep", "--model", str(folder), "--data", str(root), "--dataset", "folder", "--classes", "a,b,c",
                  "--taus", "0.5,1.0", "--methods", "baseline,algm,gbm,pool2d", "--values", "pool2d=2", "--batch-size", "2", "--warmup", "1",
-                 "--flops-images", "1", "--limit", "3", "--out", str(out)])
+                 "--flops-images", "1", "--limit", "3", "--threads", "1", "--bootstrap", "50", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -177,6 +217,11 @@ def test_cli_writes_json_csv_and_html(tmp_path):
     with out.with_suffix(".csv").open() as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 6 and float(table[0]["miou"]) == pytest.approx(rows[0]["miou"])
+    assert [float(table[2][k]) for k in ("delta_miou", "delta_miou_low", "delta_miou_high")] == pytest.approx(
+        [rows[2]["delta_miou"], *rows[2]["delta_miou_ci"]])
+    assert table[-1]["tokens_local"] == "" and table[-1]["tokens_by_stage"].startswith("pool2d1:")
+    assert rows[0]["flops_images"] == 2 and rows[0]["images"] == 3 and result["images"] == 3  # whole batches of 2
+    assert torch.get_num_threads() == 1
     assert "iou_c" in table[0]
     assert "plotly" in out.with_suffix(".html").read_text()[:5_000_000]
 
@@ -190,7 +235,14 @@ def test_figures_from_rows(tmp_path):
            "tokens": {"patches": 10, "local": 8, "global": 6}} for t in (0.9, 0.8)),
     ]
     calibrated = {**rows[1], "value": "auto", "local_threshold": 0.95, "global_threshold": 0.7, "miou": 45.0, "gflops": 2.5}
+    no_intervals = threshold_figure(rows)
+    assert no_intervals.data[0].error_y.array is None
+    for row, delta in zip(rows, (0.0, -1.0, -2.0)):
+        row.update(delta_miou=delta, delta_miou_ci=[delta - 0.5, delta + 0.25])
     figure = threshold_figure(rows + [calibrated], current=0.85)
+    assert list(figure.data[0].error_y.array) == pytest.approx([0.25, 0.25])  # upper: high - Δ
+    assert list(figure.data[0].error_y.arrayminus) == pytest.approx([0.5, 0.5])
+    assert figure.data[0].text[0] == "ΔmIoU -2.00 [-2.50, -1.75]"
     assert [trace.name for trace in figure.data] == [
         "algm mIoU (%)", "algm images/s", "algm at the calibrated τ: local 0.950, global 0.700"]
     assert list(figure.data[0].x) == [0.8, 0.9]  # the calibrated pair is a star of its own, not a line point

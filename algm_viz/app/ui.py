@@ -10,13 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import cv2
 import gradio as gr
 import numpy as np
 import PIL.Image
@@ -28,6 +24,7 @@ from ..models import CheckpointError
 from ..plots import pareto_figure, rows_to_csv
 from ..preprocess import MAX_PIXELS, ImageError
 from . import analysis
+from .files import PictureFiles, TempFolders, make_temp_dir, remove_stale, upload_root
 from .gpu import forward_budget, gpu, image_pixels
 from .models import ModelEntry, ModelRegistry
 from .inputs import read_image_file, read_label_file
@@ -77,34 +74,6 @@ class ImageInput(gr.Image):
         return Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the upload").name
 
 
-class PictureFiles:
-    """Output pictures as quickly compressed PNG files (zlib ``compression`` 1 is ~4× faster than Gradio's
-    own PNG encoding); files older than ``max_age_s`` are removed as new ones are written.
-
-    Pictures whose long side is under ``display_side`` are enlarged by a whole factor (nearest
-    neighbour, so patch edges stay sharp) to fill the panels.
-    """
-
-    def __init__(self, compression: int = 1, max_age_s: float = 600.0, display_side: int = 480) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="algm_viz_pictures_"))
-        self.compression = compression
-        self.max_age_s = max_age_s
-        self.display_side = display_side
-
-    def save(self, image: np.ndarray) -> str:
-        """``[H, W, 3]`` uint8 RGB -> path of a new PNG file."""
-        expired = time.time() - self.max_age_s
-        for old in self.folder.glob("*.png"):
-            if old.stat().st_mtime < expired:
-                old.unlink(missing_ok=True)
-        factor = max(1, self.display_side // max(image.shape[:2]))
-        if factor > 1:
-            image = image.repeat(factor, axis=0).repeat(factor, axis=1)
-        path = self.folder / f"{uuid.uuid4().hex}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, self.compression])
-        return str(path)
-
-
 def _file_identity(path: str) -> tuple[str, int, int] | str:
     """``(resolved path, size, mtime ns)`` of a file; the path itself when there is no such file (so that
     reading it raises the usual error)."""
@@ -131,13 +100,19 @@ class Handlers:
         self.sessions = sessions or SessionCache()
         self.thresholds = tuple(thresholds)
         self.with_gflops = with_gflops
+        remove_stale()  # left by earlier runs that were killed
         self.pictures = PictureFiles()
+        self.exports = TempFolders("export", root=upload_root())
         self._by_file: LRU[ImageSession] = LRU(self.sessions.capacity)
 
     def _session(self, model: str, image: str, label: str | None) -> ImageSession:
         """The session of these files; a file seen before (same path, size and modification time) is not
         decoded and hashed again: one τ release asks for the session three times (view, curve, balance)."""
         entry = self.registry.get(model)
+        for upload in (image, label):
+            if upload and not Path(upload).is_file():
+                raise ImageError(f"{Path(upload).name} is no longer on the server (uploads are kept for a while): "
+                                 "upload it again")
         key = (entry.key, _file_identity(image), _file_identity(label) if label else None)
         return self._by_file.get(key, lambda: self.sessions.get(entry, read_image_file(image),
                                                                  read_label_file(label) if label else None))
@@ -171,7 +146,7 @@ class Handlers:
             roles = {("variant.yml" if Path(f).suffix.lower() in (".yml", ".yaml") else "checkpoint.pth"): f for f in files}
             if len(files) != 2 or len(roles) != 2:
                 raise gr.Error(f"upload exactly checkpoint.pth and variant.yml (got {sorted(Path(f).name for f in files)})")
-            folder = Path(tempfile.mkdtemp(prefix="algm_viz_ckpt_"))
+            folder = make_temp_dir("ckpt")
             for name, file in roles.items():
                 (folder / name).symlink_to(Path(file).resolve())
             key = self.registry.add_folder(folder)
@@ -251,7 +226,7 @@ class Handlers:
         readout = analysis.analyze(session, settings, self.with_gflops).readout
         _, rows = analysis.curve(session, settings, self.thresholds)
         _, _, stats = analysis.balance(session, settings)
-        folder = Path(tempfile.mkdtemp(prefix="algm_viz_export_"))
+        folder = self.exports.new()
         (folder / "readout.json").write_text(json.dumps(readout, indent=2))
         (folder / "tau_curve.json").write_text(json.dumps(rows, indent=2))
         rows_to_csv(rows, folder / "tau_curve.csv", session.entry.class_names)
@@ -278,8 +253,11 @@ def _zero_gpu_wrappers(curve_points: int) -> dict[str, Callable[[Callable], Call
             for name, count in forwards.items()}
 
 
-def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1) -> gr.Blocks:
-    """The app. ``gpu_concurrency``: model requests run at once (queue concurrency group ``"gpu"``)."""
+def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
+               delete_cache: tuple[int, int] | None = (300, 1800)) -> gr.Blocks:
+    """The app. ``gpu_concurrency``: model requests run at once (queue concurrency group ``"gpu"``).
+    ``delete_cache``: Gradio's ``(every, age)`` seconds removal of the uploads and other files it stored
+    for this app (None: keep them until the server stops)."""
     handlers = handlers or Handlers(ModelRegistry())
     default = handlers.registry.default_key()
     entry, status = handlers.model_info(default)
@@ -287,7 +265,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1) -> gr
     on_gpu = _zero_gpu_wrappers(len(handlers.thresholds))
     work = {"concurrency_id": "gpu", "concurrency_limit": gpu_concurrency}
 
-    with gr.Blocks(title="ALGM token merging") as demo:
+    with gr.Blocks(title="ALGM token merging", delete_cache=delete_cache) as demo:
         gr.Markdown("# ALGM: see token merging in a segmentation ViT\n"
                     "Adaptive Local-then-Global Merging (CVPR 2024): CLAP merges similar k×k windows in layer 1, "
                     "GBM merges similar tokens anywhere in a later layer. Upload an image, then drag τ.")

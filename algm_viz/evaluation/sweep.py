@@ -7,13 +7,20 @@ size (a size change starts a new batch), so no padding tokens take part in mergi
 
 Under ``torchrun`` every process evaluates every ``world_size``-th image; confusion matrices and token
 sums are summed exactly over processes.
+
+Every row of a method carries its difference in pooled mIoU to the baseline with a paired bootstrap
+interval over images (the same seeded resamples of the per-image confusion matrices for every row), and
+GFLOPs and token counts are averaged over every evaluated image unless ``flops_images`` caps them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -22,16 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..datasets import IGNORE_INDEX
+from ..datasets import IGNORE_INDEX, spread_indices
 from ..flops import count_gflops
 from ..timing import rate_summary, timed
 from .. import methods as engine_methods
 from ..patch import algm_state, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
 from .inference import default_short_side, prepare
-from .metrics import confusion_matrix, miou
+from .metrics import confusion_matrices, miou, paired_bootstrap
 
-__all__ = ["available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "configure_method"]
+__all__ = ["available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "configure_method", "add_intervals"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +62,15 @@ class SweepConfig:
         short_side: resize images to this short side; None = the model's ``input_short_side`` or none.
         batch_size: images per forward (at most; a size change ends a batch).
         warmup: untimed forwards on the first batch before each configuration is timed.
-        flops_images: GFLOPs are averaged over (at most) this many images per process; None = all.
-        limit: evaluate only the first ``limit`` images.
+        flops_images: GFLOPs are averaged over the first batches holding at least this many images per process,
+            a faster estimate;
+            None = every evaluated image (each row says how many it averaged over).
+        limit: evaluate only ``limit`` images spread over the whole set (:func:`spread_indices`: seeded,
+            stratified by file-name prefix); None = all.
+        seed: seeds the ``limit`` draw and the bootstrap resamples.
+        bootstrap: resamples of the paired bootstrap of ΔmIoU against the baseline; 0 = no interval.
+        confidence: level of the bootstrap interval.
+        log_every_s: when stdout is not a terminal, log images done, rate and ETA at most this often.
     """
 
     taus: Sequence[float] = field(default_factory=lambda: parse_taus("0.80:0.98:0.02"))
@@ -68,8 +82,12 @@ class SweepConfig:
     short_side: int | None = None
     batch_size: int = 1
     warmup: int = 2
-    flops_images: int | None = 8
+    flops_images: int | None = None
     limit: int | None = None
+    seed: int = 0
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    log_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         known = available_methods()
@@ -84,6 +102,8 @@ class SweepConfig:
             raise ValueError("batch_size and limit must be positive and warmup >= 0")
         if self.flops_images is not None and self.flops_images < 0:
             raise ValueError("flops_images must be >= 0 (or None for all images)")
+        if self.bootstrap < 0 or not 0 < self.confidence < 1:
+            raise ValueError("bootstrap must be >= 0 and confidence in (0, 1)")
 
     def runs(self) -> list[tuple[str, float | None]]:
         """``(method, knob value)`` in sweep order: the baseline first, then each method's values."""
@@ -116,11 +136,7 @@ def parse_taus(text: str) -> list[float | str]:
         return auto
     try:
         if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError("step must be positive")
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            values = [round(start + i * step, 10) for i in range(max(count, 0))]
+            values = _inclusive_range(text)
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError as error:
@@ -128,6 +144,20 @@ def parse_taus(text: str) -> list[float | str]:
     if not values or any(math.isnan(v) for v in values):
         raise ValueError(f"no thresholds in {text!r}")
     return sorted(values) + auto
+
+
+def _inclusive_range(text: str) -> list[float]:
+    """``"a:b:s"`` -> ``a, a+s, ..., <= b`` computed in decimal, so ``0.70:0.96:0.04`` ends at 0.96."""
+    try:
+        start, stop, step = (Decimal(v.strip()) for v in text.split(":"))
+    except (InvalidOperation, TypeError) as error:
+        raise ValueError(f"not three numbers: {error}") from error
+    if not all(v.is_finite() for v in (start, stop, step)):
+        raise ValueError("start, stop and step must be finite")
+    if step <= 0:
+        raise ValueError("step must be positive")
+    count = int((stop - start) // step) + 1
+    return [float(start + i * step) for i in range(max(count, 0))]
 
 
 def configure_method(model: nn.Module, method: str, value: float | None, config: SweepConfig) -> None:
@@ -165,35 +195,86 @@ def _batches(model: nn.Module, dataset: Any, indices: Sequence[int], batch_size:
         yield flush()
 
 
-def _token_sums(model: nn.Module, batch: int, grid_tokens: int) -> Tensor:
-    """``[4]`` summed tokens over the batch's images: patches, after the stage named ``local`` (CLAP),
-    after ``global`` (GBM), and after the last stage (each stage absent = the one before it)."""
+def _token_sums(model: nn.Module, batch: int, grid_tokens: int, method: str) -> tuple[Tensor, Tensor]:
+    """Summed tokens over the batch's images: ``[4]`` patches, after the stage named ``local`` (CLAP), after
+    ``global`` (GBM) and after the last stage; and ``[S]`` after each token-reducing stage, in order.
+
+    For an ALGM variant an absent stage counts as the one before it (CLAP only: global = local); for the
+    other methods, which have no CLAP or GBM stage, ``local``/``global`` are NaN (their counts are the
+    per-stage ones); the baseline keeps every patch."""
     state = algm_state(model)
     record = state.record if state is not None else None
-    counts = record.token_counts() if record is not None else {}
+    stages = record.stages if record is not None else []
     patches = float(batch * grid_tokens)
-    local = float(counts["local"].sum()) if "local" in counts else patches
-    global_ = float(counts["global"].sum()) if "global" in counts else local
-    final = float(record.stages[-1][2].counts.sum()) if record is not None and record.stages else patches
-    return torch.tensor([patches, local, global_, final], dtype=torch.float64)
+    per_stage = torch.tensor([float(merge.counts.sum()) for _, _, merge in stages], dtype=torch.float64)
+    final = float(per_stage[-1]) if stages else patches
+    if method == "baseline" or engine_methods.METHODS[method].algm:
+        counts = record.token_counts() if record is not None else {}
+        local = float(counts["local"].sum()) if "local" in counts else patches
+        global_ = float(counts["global"].sum()) if "global" in counts else local
+    else:
+        local = global_ = math.nan
+    return torch.tensor([patches, local, global_, final], dtype=torch.float64), per_stage
+
+
+def _stage_names(model: nn.Module) -> list[dict[str, Any]]:
+    """``[{"name", "layer"}]`` of the stages the last forward ran."""
+    state = algm_state(model)
+    record = state.record if state is not None else None
+    return [{"name": name, "layer": int(layer)} for name, layer, _ in (record.stages if record is not None else [])]
+
+
+class _ProgressLog:
+    """Logs ``images done / total, images/s, ETA`` at most every ``every_s`` seconds (for logs and pipes, where
+    tqdm draws nothing); ``total`` counts the images of every configuration still to come."""
+
+    def __init__(self, total: int, every_s: float, enabled: bool) -> None:
+        self.total, self.every_s, self.enabled = total, every_s, enabled
+        self.done, self.began = 0, time.perf_counter()
+        self.last = self.began
+
+    def update(self, images: int, label: str, force: bool = False) -> None:
+        self.done += images
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        rate = self.done / max(now - self.began, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else math.inf
+        logger.info("%s: %d/%d images, %.2f images/s, ETA %s", label, self.done, self.total, rate, _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _indices(dataset: Any, config: SweepConfig, context: Context) -> list[int]:
+    """This process's share of the images the sweep evaluates."""
+    return spread_indices(dataset, config.limit, config.seed)[context.rank :: context.world_size]
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Context, *, progress: bool = True,
-             description: str = "") -> dict[str, Any]:
-    """Evaluate ``model`` as configured now over this process's share of ``dataset``; reduced over processes.
+             description: str = "", method: str = "baseline", progress_log: _ProgressLog | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` as configured now (as ``method``) over this process's share of ``dataset``; reduced
+    over processes.
 
-    Returns ``{"confusion": [K, K] long, "images", "images_per_s", "images_per_s_spread", "gflops",
-    "tokens": {stage: mean per image}}``.
+    Returns ``{"confusion": [K, K] long, "image_confusions": [N, K, K] long (in data-set order), "images",
+    "images_per_s", "images_per_s_spread", "gflops", "flops_images", "tokens": {stage: mean per image},
+    "stages": [{"name", "layer", "tokens"}]}``.
     """
     device = context.device
     num_classes = dataset.num_classes
-    count = len(dataset) if config.limit is None else min(config.limit, len(dataset))
-    indices = list(range(context.rank, count, context.world_size))
+    indices = _indices(dataset, config, context)
     short_side = config.short_side if config.short_side is not None else default_short_side(model)
     patch = int(find_vit(model).patch_embed.patch_size[0])
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    per_image: list[Tensor] = []
     tokens = torch.zeros(len(_STAGES), dtype=torch.float64)
+    stage_tokens: Tensor | None = None
+    stage_names: list[dict[str, Any]] = []
     flops = torch.zeros(2, dtype=torch.float64)  # GFLOPs sum, images counted
     rates: list[float] = []
     flops_limit = math.inf if config.flops_images is None else config.flops_images
@@ -208,25 +289,41 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
         logits, seconds = timed(lambda: model(images), device)
         rates.append(images.shape[0] / seconds)
         grid_tokens = math.ceil(images.shape[-2] / patch) * math.ceil(images.shape[-1] / patch)
-        tokens += _token_sums(model, images.shape[0], grid_tokens)
+        sums, per_stage = _token_sums(model, images.shape[0], grid_tokens, method)
+        tokens += sums
+        if stage_tokens is None:
+            stage_tokens, stage_names = per_stage, _stage_names(model)
+        elif per_stage.shape == stage_tokens.shape:
+            stage_tokens += per_stage
+        else:
+            raise RuntimeError(f"{description}: the number of merge stages changed between batches")
         if flops[1] < flops_limit:
             flops += torch.tensor([count_gflops(model, images), images.shape[0]], dtype=torch.float64)
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        confusion += confusion_matrix(logits.argmax(1), labels, num_classes, IGNORE_INDEX)
+        per_image.append(confusion_matrices(logits.argmax(1), labels, num_classes, IGNORE_INDEX).cpu())
+        if progress_log is not None:
+            progress_log.update(images.shape[0], description)
+    local = torch.cat(per_image) if per_image else torch.zeros(0, num_classes, num_classes, dtype=torch.long)
+    gathered = all_gather_objects((indices, local), context)
+    order = torch.tensor([i for ranks_indices, _ in gathered for i in ranks_indices], dtype=torch.long)
+    image_confusions = torch.cat([c for _, c in gathered])[torch.argsort(order)]
+    stage_tokens = stage_tokens if stage_tokens is not None else torch.zeros(0, dtype=torch.float64)
     images_done = torch.tensor([float(len(indices))], dtype=torch.float64)
-    confusion = all_reduce_sum(confusion, context)
-    tokens, flops, images_done = (all_reduce_sum(t, context) for t in (tokens, flops, images_done))
+    tokens, stage_tokens, flops, images_done = (all_reduce_sum(t, context) for t in (tokens, stage_tokens, flops, images_done))
     all_rates = [r for ranks in all_gather_objects(rates, context) for r in ranks]
     speed = rate_summary(all_rates, scale=context.world_size)
     total = max(float(images_done), 1.0)
     return {
-        "confusion": confusion.cpu(),
+        "confusion": image_confusions.sum(0),
+        "image_confusions": image_confusions,
         "images": int(images_done),
         "images_per_s": speed["median"],
         "images_per_s_spread": [speed["p25"], speed["p75"]],
         "gflops": float(flops[0] / flops[1]) if flops[1] > 0 else math.nan,
-        "tokens": {stage: float(v) / total for stage, v in zip(_STAGES, tokens)},
+        "flops_images": int(flops[1]),
+        "tokens": {stage: (None if math.isnan(v) else float(v) / total) for stage, v in zip(_STAGES, tokens.tolist())},
+        "stages": [{**names, "tokens": float(v) / total} for names, v in zip(stage_names, stage_tokens.tolist())],
     }
 
 
@@ -244,10 +341,30 @@ def _row(method: str, value: float | str | None, result: dict[str, Any], state: 
         "images_per_s": result["images_per_s"],
         "images_per_s_spread": result["images_per_s_spread"],
         "gflops": result["gflops"],
+        "flops_images": result["flops_images"],
         "tokens": result["tokens"],
+        "stages": result["stages"],
         "images": result["images"],
         "confusion": result["confusion"].tolist(),
     }
+
+
+def add_intervals(rows: Sequence[dict[str, Any]], confusions: Sequence[Tensor], config: SweepConfig) -> None:
+    """Add ``delta_miou``, ``delta_miou_ci`` (paired bootstrap against the baseline row), ``miou_ci`` and
+    ``bootstrap`` to ``rows`` in place, from their ``[N, K, K]`` per-image ``confusions``. Without a baseline
+    row the differences are None; with ``config.bootstrap == 0`` the intervals are None."""
+    baseline = next((c for r, c in zip(rows, confusions) if r["method"] == "baseline"), None)
+    for row, confusion in zip(rows, confusions):
+        reference = baseline if baseline is not None else confusion
+        if config.bootstrap > 0 and confusion.shape[0] > 0:
+            result = paired_bootstrap(reference, confusion, config.bootstrap, config.seed, config.confidence)
+        else:
+            result = {"delta": float(miou(confusion.sum(0))[0] - miou(reference.sum(0))[0]), "delta_ci": None, "ci": None}
+        row["miou_ci"] = result["ci"]
+        row["delta_miou"] = result["delta"] if baseline is not None else None
+        row["delta_miou_ci"] = result["delta_ci"] if baseline is not None else None
+        row["bootstrap"] = {"resamples": config.bootstrap, "seed": config.seed, "confidence": config.confidence,
+                            "paired_with": "baseline" if baseline is not None else None}
 
 
 def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context | None = None,
@@ -257,13 +374,20 @@ def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context 
     configuration is restored afterwards."""
     context = context or Context(0, 1, torch.device("cpu"))
     model.eval()
-    rows = []
+    rows, confusions = [], []
+    runs = config.runs()
+    progress_log = _ProgressLog(len(runs) * len(spread_indices(dataset, config.limit, config.seed)), config.log_every_s,
+                                enabled=progress and context.is_main and not sys.stdout.isatty())
     with merging_restored(model):
-        for method, value in tqdm(config.runs(), desc="sweep", disable=not (progress and context.is_main) or None):
+        for method, value in tqdm(runs, desc="sweep", disable=not (progress and context.is_main) or None):
             configure_method(model, method, value, config)
             label = method if value is None else f"{method} {knob(method)}={value}"
-            result = evaluate(model, dataset, config, context, progress=progress and context.is_main, description=label)
+            result = evaluate(model, dataset, config, context, progress=progress and context.is_main, description=label,
+                              method=method, progress_log=progress_log)
             rows.append(_row(method, value, result, algm_state(model)))
+            confusions.append(result["image_confusions"])
+            progress_log.update(0, f"{label} done ({len(rows)}/{len(runs)} configurations)", force=True)
             logger.info("%s: mIoU %.2f, %.2f images/s, %.2f GFLOPs", label, rows[-1]["miou"],
                         rows[-1]["images_per_s"], rows[-1]["gflops"])
+    add_intervals(rows, confusions, config)
     return rows

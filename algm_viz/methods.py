@@ -8,10 +8,12 @@ value)`` patches a model; ``METHODS[name]`` says what the knob is and which valu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 from torch import nn
 
+from .clustering import ailurus_planner, expedite_planner
 from .patch import MergeStage, SharePolicy, apply_algm, apply_merging, colour_homogeneity_policy, find_vit
 
 __all__ = ["Method", "METHODS", "apply_method"]
@@ -57,6 +59,31 @@ def _cts(budget: float, depth: int, window: tuple[int, int] = (2, 2)) -> list[Me
     return [MergeStage("share", 1, budget=budget, window=window)]
 
 
+def _clustering_layer(depth: int, layer: int | None, fraction: float) -> int:
+    return layer if layer is not None else max(1, round(depth * fraction))
+
+
+def _expedite(keep: float, depth: int, layer: int | None = None, grid: tuple[int, int] | None = None,
+              **options: Any) -> list[MergeStage]:
+    """Expedite: local k-means into clusters in block ``layer`` (default: a third of the depth), token
+    reconstruction at the encoder output. ``grid=(h, w)`` fixes the cluster grid (else ``keep`` of
+    the tokens); ``options`` go to :func:`~algm_viz.clustering.local_kmeans` (``k``, ``temperature``, ...)."""
+    planner = partial(expedite_planner, keep=keep, cells=grid, **options)
+    return [MergeStage("cluster", _clustering_layer(depth, layer, EXPEDITE_LAYER), planner=planner, name="expedite")]
+
+
+def _ailurus(keep: float, depth: int, layer: int | None = None, **options: Any) -> list[MergeStage]:
+    """AiluRus: density-peaks clustering into ``keep`` of the tokens in block ``layer`` (default: a
+    third of the depth), unfolded at the encoder output; ``options`` go to
+    :func:`~algm_viz.clustering.density_peaks_clusters` (``k``, ``spatial_weight``, ...)."""
+    planner = partial(ailurus_planner, keep=keep, **options)
+    return [MergeStage("cluster", _clustering_layer(depth, layer, AILURUS_LAYER), planner=planner, name="ailurus")]
+
+
+#: Default clustering layers as a fraction of the depth (4 of 12).
+EXPEDITE_LAYER = AILURUS_LAYER = 1 / 3
+KEEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+
 TAUS = (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
 
 METHODS: dict[str, Method] = {
@@ -77,6 +104,12 @@ METHODS: dict[str, Method] = {
             note="CTS's policy is a trained CNN; this uses a training-free stand-in (superpatch colour "
             "homogeneity). Pass policy= to plug in a trained one.",
         ),
+        Method("expedite", "Expedite (hourglass clustering + reconstruction)", "keep", KEEPS, _expedite,
+               note="Local k-means into an h×w grid of clusters (keep = h·w / patches) in one layer; soft "
+               "token reconstruction before the decoder."),
+        Method("ailurus", "AiluRus (spatial-aware density clustering)", "keep", KEEPS, _ailurus,
+               note="Density-peaks clustering with a spatial prior in one layer; every patch takes its "
+               "cluster's output before the decoder."),
     )
 }
 
@@ -86,7 +119,8 @@ def apply_method(model: nn.Module, name: str, value: float | None, *, policy: Sh
     """Patch ``model`` in place with method ``name`` at knob ``value`` (for the ALGM variants, None = the
     model's calibrated τ). ``options`` go to the method: ``local_layer``/``global_layer``/``window`` for the
     ALGM variants (a variant's own fixed layers win, e.g. CLAP only ignores ``global_layer``),
-    ``stride``/``layer`` for grid matching, ``window`` for sharing. Returns ``model``."""
+    ``stride``/``layer`` for grid matching, ``window`` for sharing, ``layer``/``grid``/``k``/... for
+    Expedite and AiluRus. Returns ``model``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     method, depth = METHODS[name], len(find_vit(model).blocks)

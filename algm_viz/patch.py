@@ -52,8 +52,11 @@ __all__ = [
 # τ defaults of the authors' code (CLAP with 2×2 windows), keyed by ViT width: Ti, S, B, L.
 AUTHOR_DEFAULT_THRESHOLDS = {192: 0.90, 384: 0.88, 768: 0.94, 1024: 0.95}
 
-STAGE_KINDS = ("clap", "gbm", "tome", "pool2d", "grid", "share")
-_GRID_KINDS = ("clap", "pool2d", "grid", "share")  # need the full patch grid
+STAGE_KINDS = ("clap", "gbm", "tome", "pool2d", "grid", "share", "cluster")
+_GRID_KINDS = ("clap", "pool2d", "grid", "share", "cluster")  # need the full patch grid
+
+#: ``planner(tokens [B, N, C], grid, size [B, N, 1] | None) -> Merge``: a ``"cluster"`` stage's merge.
+ClusterPlanner = Callable[[Tensor, tuple[int, int], Optional[Tensor]], Merge]
 
 #: ``policy(images [B, 3, H, W], grid, window, patch_size) -> [B, S]`` scores, one per full window.
 SharePolicy = Callable[[Tensor, tuple[int, int], tuple[int, int], tuple[int, int]], Tensor]
@@ -77,7 +80,10 @@ class MergeStage:
         ``"pool2d"`` every full ``window`` averaged (Segformer++'s 2-D neighbour merging);
         ``"grid"``   destinations on a ``stride`` grid, ``ratio`` of the sources merged (Segformer++);
         ``"share"``  before the block's attention, the ``budget`` fraction of ``window`` s that a
-                     policy scores best share one token (CTS-style token sharing).
+                     policy scores best share one token (CTS-style token sharing);
+        ``"cluster"`` whatever ``planner`` makes of the patch grid (Expedite, AiluRus:
+                     :mod:`algm_viz.clustering`). A merge with ``restore_in_encoder = True`` is
+                     unmerged at the encoder output, before any decoder (the record says ``restored``).
     ``metric``: ``"tokens"`` (the block's tokens after the attention residual) or ``"keys"`` (the
     attention keys, mean over heads, as ToMe). ``kv_only``: merge only this block's keys and values
     (queries and the token count are kept; Segformer++'s key/value merging).
@@ -94,6 +100,7 @@ class MergeStage:
     metric: str = "tokens"
     kv_only: bool = False
     name: str = ""
+    planner: Optional[ClusterPlanner] = None
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
@@ -113,6 +120,8 @@ class MergeStage:
             needed = (self.kind, key) in (("grid", "ratio"), ("share", "budget"))
             if needed and (value is None or not 0.0 <= float(value) <= 1.0):
                 raise ValueError(f"{self.kind} needs {key} in [0, 1], got {value}")
+        if (self.kind == "cluster") != (self.planner is not None):
+            raise ValueError("a cluster stage needs a planner, and only a cluster stage takes one")
         if self.kv_only and self.kind not in ("tome", "grid", "pool2d"):
             raise ValueError("kv_only applies to tome, grid and pool2d stages")
         if not self.name:
@@ -160,11 +169,13 @@ class MergeRecord:
             ``H*W`` patches, each later one on the previous one's outputs.
         kv_stages: ``(name, layer, merge)`` of key/value-only merges (the tokens they act on are the
             ones present at that layer).
+        restored: True when the encoder already unmerged its output (a decoder must not unmerge again).
     """
 
     grid: tuple[int, int]
     stages: list[tuple[str, int, Merge]] = field(default_factory=list)
     kv_stages: list[tuple[str, int, Merge]] = field(default_factory=list)
+    restored: bool = False
 
     def stage(self, name: str) -> Merge | None:
         return next((m for n, _, m in self.stages if n == name), None)
@@ -255,6 +266,8 @@ class ALGMState:
             return local_merge(metric, grid, stage.window, stage.threshold, batch_min=self.batch_min)
         if stage.kind == "pool2d":
             return local_merge(metric, grid, stage.window, float("-inf"))
+        if stage.kind == "cluster":
+            return stage.planner(metric, grid, size)
         if stage.kind == "gbm":
             return global_merge(metric, stage.threshold, size, batch_min=self.batch_min)
         if stage.kind == "tome":
@@ -394,7 +407,11 @@ class ALGMVisionTransformer(nn.Module):
             tokens = super().forward_features(x, *args, **kwargs)
         finally:
             state.end()
-        return state.unmerge(tokens) if state.unmerge_output else tokens
+        final = state.record.final
+        if final is None or not (state.unmerge_output or getattr(final, "restore_in_encoder", False)):
+            return tokens
+        state.record.restored = True
+        return state.unmerge(tokens)
 
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")

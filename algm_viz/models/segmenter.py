@@ -137,7 +137,8 @@ class Segmenter(nn.Module):
         grid = (padded.shape[-2] // p, padded.shape[-1] // p)
         tokens = self.encoder.forward_features(padded)[:, self.encoder.num_prefix_tokens :]
         state = algm_state(self.encoder)
-        final = state.record.final if state is not None and state.record is not None else None
+        restored = state is None or state.record is None or state.record.restored  # by the encoder already
+        final = None if restored else state.record.final
         key_bias = None
         if final is not None and self.decoder.unmerge_before:
             tokens, final = final.unmerge(tokens), None

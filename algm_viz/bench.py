@@ -167,7 +167,24 @@ def _load_model(args: argparse.Namespace) -> nn.Module:
     return create_segmenter(args.backbone, decoder=args.decoder, num_classes=args.num_classes, image_size=args.size[0])
 
 
+def run_peak_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """``--peak-memory``: peak host memory of one prediction, logits path vs label path, baseline vs ALGM."""
+    from .evaluation.memory import MemoryCase, peak_prediction_memory
+
+    if args.model or args.device not in ("auto", "cpu") or args.image:
+        raise SystemExit("--peak-memory measures an untrained --backbone on the CPU (no --model, --image or --device)")
+    height, width = (args.size * 2)[:2]
+    tau = next((t for t in args.taus if t != AUTO), None)
+    cases = [MemoryCase(args.backbone, args.num_classes, height, width, path, t, args.threads or 1)
+             for t in (None, tau) for path in ("logits", "labels")]
+    return {"torch": torch.__version__, "device": f"cpu ({platform.processor() or platform.machine()})",
+            "results": [peak_prediction_memory(case) for case in cases]}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.peak_memory:
+        _emit(run_peak_memory(args), args.out)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
@@ -190,11 +207,15 @@ def run(args: argparse.Namespace) -> int:
         "input": args.image or "synthetic piecewise-smooth scenes",
         "results": rows,
     }
+    _emit(report, args.out)
+    return 0
+
+
+def _emit(report: dict[str, Any], out: str | None) -> None:
     text = json.dumps(report, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v))
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    if out:
+        Path(out).write_text(text)
 
 
 def _tau(text: str) -> float | str:
@@ -225,5 +246,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", help="time on this image (resized) instead of synthetic scenes")
     parser.add_argument("--compare-batch-min", action="store_true", help="also time the paper code's batch-minimum merging")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="instead of timing: peak CPU memory of one prediction at --size, full-resolution logits vs "
+                             "the tiled label path, baseline vs ALGM at the first τ (each in a fresh process)")
     parser.add_argument("--out", help="also write the JSON to this file")
     parser.set_defaults(run=run)

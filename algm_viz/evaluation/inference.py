@@ -7,8 +7,8 @@ window of the training crop size. The sweep defaults to the whole image at the m
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +18,11 @@ from torch import Tensor, nn
 from ..patch import algm_state
 from ..preprocess import normalize
 
-__all__ = ["prepare", "predict_logits", "sliding_window_logits", "default_short_side", "merging_disabled", "resized_shape"]
+__all__ = ["autocast", "prepare", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "sliding_window_logits",
+           "default_short_side", "merging_disabled", "resized_shape"]
+
+#: Float elements of one tile of upsampled logits in :func:`upsampled_argmax` (16 M = 64 MB in fp32).
+TILE_ELEMENTS = 1 << 24
 
 
 def default_short_side(model: nn.Module) -> int | None:
@@ -35,6 +39,14 @@ def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int,
         raise ValueError(f"short_side must be positive, got {short_side}")
     scale = short_side / min(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> ContextManager:
+    """Mixed precision on ``device`` in ``dtype`` (``torch.float16``/``torch.bfloat16``); float32 or None: off.
+    The merge arithmetic accumulates in float32 either way (:mod:`algm_viz.merging`)."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def prepare(model: nn.Module, image: np.ndarray, short_side: int | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -89,18 +101,78 @@ def predict_logits(
     window: int | None = None,
     stride: int | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Class logits ``[K, H, W]`` at the original resolution of ``image`` (``[H, W, 3]`` uint8).
+    """Class logits ``[K, H, W]`` (float32) at the original resolution of ``image`` (``[H, W, 3]`` uint8).
 
     The image is resized to ``short_side`` (None: kept), run whole (``window`` None) or with a sliding
-    window, and the logits are resized back bilinearly.
+    window, in ``dtype`` autocast (None: float32), and the logits are resized back bilinearly.
     """
     height, width = np.asarray(image).shape[:2]
     x = prepare(model, image, short_side, device)
-    logits = model(x) if window is None else sliding_window_logits(model, x, window, stride)
+    with autocast(x.device, dtype):
+        logits = (model(x) if window is None else sliding_window_logits(model, x, window, stride)).float()
     if tuple(logits.shape[-2:]) != (height, width):
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
     return logits[0]
+
+
+def resize_matrix(length_in: int, length_out: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[length_out, length_in]``: the linear map of a 1-D bilinear resize (``align_corners=False``), read
+    off ``F.interpolate`` itself so that its coordinates and edge clamping are torch's own."""
+    basis = torch.eye(length_in, device=device).reshape(1, length_in, length_in, 1)
+    return F.interpolate(basis, size=(length_out, 1), mode="bilinear", align_corners=False)[0, :, :, 0].T
+
+
+def upsampled_argmax(logits: Tensor, rows: Tensor, cols: Tensor, tile_elements: int = TILE_ELEMENTS) -> Tensor:
+    """Class ids ``[H, W]`` of ``rows @ logits @ cols.T`` per class, without the ``[K, H, W]`` tensor.
+
+    ``logits`` ``[K, h, w]``; ``rows`` ``[H, h]`` and ``cols`` ``[W, w]`` are (compositions of)
+    :func:`resize_matrix` and crops, so the product is a separable bilinear resize. Output rows are done
+    a tile at a time, each tile at most ``tile_elements`` floats.
+    """
+    classes, width = logits.shape[0], cols.shape[0]
+    tile = max(1, tile_elements // (classes * width))
+    narrow = torch.einsum("kyx,Xx->kyX", logits.float(), cols)  # [K, h, W]: small, h is the token grid
+    labels = torch.empty(rows.shape[0], width, dtype=torch.long, device=logits.device)
+    for start in range(0, rows.shape[0], tile):
+        labels[start : start + tile] = torch.einsum("ry,kyX->krX", rows[start : start + tile], narrow).argmax(0)
+    return labels
+
+
+def _crop_matrix(length_in: int, length_out: int, device: torch.device | str) -> Tensor:
+    """``[length_out, length_in]``: keep the first ``length_out`` entries."""
+    return torch.eye(length_in, device=device)[:length_out]
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    short_side: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Class ids ``[H, W]`` (long) of ``predict_logits(...).argmax(0)``, with the same arguments, but never
+    holding the full-resolution ``[K, H, W]`` logits: the model's token-grid logits are resized (to the
+    padded input, cropped, back to the image, as :func:`predict_logits` does) and arg-maxed in tiles.
+    Models without ``decoder_logits`` and the sliding window take the logits path."""
+    height, width = np.asarray(image).shape[:2]
+    if window is not None or not hasattr(model, "decoder_logits"):
+        return predict_logits(model, image, short_side=short_side, window=window, stride=stride, device=device,
+                              dtype=dtype).argmax(0)
+    x = prepare(model, image, short_side, device)
+    with autocast(x.device, dtype):
+        masks = model.decoder_logits(x)[0].float()  # [K, h/p, w/p]
+    axes = []
+    for grid, size, full in zip(masks.shape[-2:], x.shape[-2:], (height, width)):
+        padded = size + (-size % model.patch_size)
+        to_input = _crop_matrix(padded, size, x.device) @ resize_matrix(grid, padded, x.device)
+        axes.append(resize_matrix(size, full, x.device) @ to_input)
+    return upsampled_argmax(masks, *axes)
 
 
 @contextmanager

@@ -233,7 +233,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backbone", default="vit_small_patch16_384", help="timm plain ViT for the untrained model")
     parser.add_argument("--decoder", default="mask_transformer", choices=DECODERS)
     parser.add_argument("--num-classes", type=int, default=150)
-    parser.add_argument("--size", type=int, nargs="+", default=[512], help="H [W] of the input (default 512)")
+    parser.add_argument("--size", type=int, nargs="+", default=[512], help="H [W] of the input")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))

@@ -10,7 +10,8 @@ import sys
 from typing import Sequence
 
 #: Modules that define sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES = ("algm_viz.bench", "algm_viz.train_cli", "algm_viz.eval_cli", "algm_viz.compare_cli")
+COMMAND_MODULES = ("algm_viz.bench", "algm_viz.train_cli", "algm_viz.eval_cli", "algm_viz.compare_cli",
+                   "algm_viz.gpu_check")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +22,34 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
+    for command in subparsers.choices.values():
+        _add_common_options(command)
     return parser
+
+
+def _add_common_options(command: argparse.ArgumentParser) -> None:
+    """Every command shows its defaults in ``--help`` and takes ``--threads``."""
+    command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    try:
+        command.add_argument("--threads", type=int, help="torch and OpenCV CPU threads (None: the libraries' choice)")
+    except argparse.ArgumentError:  # the command defines its own --threads
+        return
+
+
+def _apply_threads(threads: int | None) -> None:
+    if threads:
+        import cv2
+        import torch
+
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
+        _apply_threads(getattr(args, "threads", None))
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         logging.getLogger("algm_viz").error("%s", error)

@@ -169,12 +169,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", required=True, help="the image")
     parser.add_argument("--label", help="its label map (class ids, 255 = ignore): mIoU instead of agreement")
     parser.add_argument("--methods", default=",".join(m for m in available_methods() if m != "baseline"),
-                        help="comma-separated methods (default: all)")
+                        help="comma-separated methods")
     parser.add_argument("--taus", default="0.80:0.98:0.02", help="τ values of the ALGM variants (start:stop:step or a,b,c)")
     parser.add_argument("--values", nargs="*", metavar="METHOD=V1/V2", help="knob values of other methods, e.g. tome=4/8/16")
     parser.add_argument("--maps", nargs=2, type=_spec_argument, default=[("algm", 0.9), ("tome", 8.0)], metavar="METHOD:VALUE",
-                        help="the two methods whose merge maps are drawn side by side (default algm:0.9 tome:8)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration (default 5)")
-    parser.add_argument("--short-side", type=int, help="resize the image to this short side (default: the model's)")
+                        help="the two methods whose merge maps are drawn side by side")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration")
+    parser.add_argument("--short-side", type=int, help="resize the image to this short side (None: the model's)")
     parser.add_argument("--out", default="compare.json", help="JSON out; .csv, .html and .png written beside it")
     parser.set_defaults(run=run)

@@ -278,3 +278,17 @@ def test_sliding_window_averages_overlapping_windows():
     assert torch.allclose(predict_logits(model, image, window=128), whole, atol=1e-5)
     resized = predict_logits(model, image, short_side=32)
     assert resized.shape == (3, 64, 96) and not torch.allclose(resized, whole, atol=1e-3)
+
+
+def test_every_command_takes_threads_and_shows_its_defaults():
+    from algm_viz.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"sweep", "calibrate", "analyze", "balance", "train", "bench", "compare"} <= set(commands)
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        assert "--threads THREADS" in text, name
+        assert "(default: " in text, name
+    sweep_help = " ".join(commands["sweep"].format_help().split())
+    for default in ("(default: 0.80:0.98:0.02)", "(default: results.json)", "(default: 1000)", "(default: -1)"):
+        assert default in sweep_help

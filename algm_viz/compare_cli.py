@@ -27,6 +27,7 @@ from .methods import METHODS, apply_method
 from .models.loading import load_model
 from .patch import algm_state, merging_restored, remove_algm
 from .plots import pareto_figure, rows_to_csv, write_html
+from .preprocess import check_label
 
 __all__ = ["OneImage", "compare", "merge_maps", "parse_spec"]
 
@@ -141,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     label = None
     if args.label:
-        label = read_label(args.label).astype(np.int64)
-        label[(label < 0) | (label >= model.num_classes)] = IGNORE_INDEX
+        label, note = check_label(read_label(args.label), model.num_classes, IGNORE_INDEX)
+        if note:
+            log.warning("%s: %s", args.label, note)
         label = label.astype(np.uint8)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     values = {name: [float(v) for v in vals.split("/")] for name, _, vals in (item.partition("=") for item in args.values or [])}

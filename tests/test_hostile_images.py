@@ -4,9 +4,12 @@ EXIF orientation, bounded picture disk, wrong API types and per-request time bud
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -142,3 +145,75 @@ def test_16bit_label_map_keeps_its_values_and_out_of_range_is_reported(tmp_path)
     assert check_label(np.where(label == 1000, 3, label), 5, 255)[1] is None
     with pytest.raises(ImageError, match="no pixel with a class id in 0..4"):
         check_label((label.astype(np.int64) + 1) * 257, 5, 255)
+
+
+# --- bounded disk -------------------------------------------------------------------------------------------
+
+from algm_viz.app import files  # noqa: E402
+
+
+def test_pictures_are_capped_in_number_and_size_oldest_first(tmp_path):
+    pictures = files.PictureFiles(max_files=3, root=tmp_path, display_side=1)
+    rng = np.random.default_rng(0)
+    paths = [pictures.save(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    assert [Path(p).is_file() for p in paths] == [False, False, True, True, True]
+    assert pictures.usage[0] == 3 and len(list(pictures.folder.iterdir())) == 3
+    one = Path(paths[-1]).stat().st_size
+    by_size = files.PictureFiles(max_bytes=int(2.5 * one), root=tmp_path, display_side=1)
+    paths = [by_size.save(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    assert [Path(p).is_file() for p in paths] == [False, False, True, True]
+    assert by_size.usage[1] <= 2.5 * one * 1.1
+
+
+def test_export_folders_keep_only_the_newest(tmp_path):
+    folders = files.TempFolders("export", keep=2, root=tmp_path)
+    made = [folders.new() for _ in range(3)]
+    assert [f.is_dir() for f in made] == [False, True, True]
+    assert all(f".pid{os.getpid()}." in f.name for f in made)
+
+
+def test_stale_folders_of_dead_processes_are_removed_at_start(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"algm_viz_pictures.pid{finished.stdout.strip()}.abc"
+    alive = tmp_path / f"algm_viz_pictures.pid{os.getppid()}.abc"
+    legacy_old, legacy_new = tmp_path / "algm_viz_export_oldone", tmp_path / "algm_viz_export_newone"
+    other = tmp_path / "someone_else.pid1.x"
+    for folder in (dead, alive, legacy_old, legacy_new, other):
+        folder.mkdir()
+        (folder / "f.png").write_bytes(b"x")
+    os.utime(legacy_old, (0, 0))
+    removed = files.remove_stale([tmp_path])
+    assert set(removed) == {dead, legacy_old}
+    assert not dead.exists() and not legacy_old.exists()
+    assert alive.is_dir() and legacy_new.is_dir() and other.is_dir()
+
+
+def test_sigterm_removes_the_servers_temp_folders(tmp_path):
+    """A real server process (tiny model) killed with SIGTERM exits and leaves no folder behind."""
+    script = (
+        "import sys\n"
+        "from algm_viz.app.files import exit_on_sigterm\n"
+        "from algm_viz.app.models import ModelRegistry\n"
+        "from algm_viz.app.ui import Handlers, build_demo\n"
+        "exit_on_sigterm()\n"
+        "tiny = dict(num_classes=3, depth=2, embed_dim=32, num_heads=2, decoder='linear', patch_size=8, image_size=32)\n"
+        "handlers = Handlers(ModelRegistry(device='cpu', default_short_side=32, untrained=tiny, include_bundled=False))\n"
+        "handlers.exports.new()\n"
+        "demo = build_demo(handlers).queue()\n"
+        "demo.launch(server_name='127.0.0.1', quiet=True, prevent_thread_lock=True)\n"
+        "print(handlers.pictures.folder, flush=True)\n"
+        "demo.block_thread()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "TMPDIR": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env=env)
+    try:
+        pictures = Path(server.stdout.readline().strip())
+        assert pictures.is_dir() and list((tmp_path / "gradio").glob("algm_viz_export.pid*")), server.stderr.read()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if server.poll() is None:
+            server.kill()
+    left = [p.name for p in [*tmp_path.glob("algm_viz_*"), *(tmp_path / "gradio").glob("algm_viz_*")]]
+    assert not left, left

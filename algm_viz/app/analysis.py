@@ -68,6 +68,7 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
         "agreement_miou": agreement,
         "changed_pixels_percent": 100.0 * changed,
         "miou": None,
+        "label_note": session.label_note,
     }
     if session.label is not None:
         readout["miou"] = {"baseline": session.label_miou(base.prediction), "algm": session.label_miou(algm.prediction)}
@@ -104,6 +105,8 @@ def readout_markdown(readout: dict[str, Any]) -> str:
     if readout["miou"] is not None:
         quality += f" · **mIoU vs label** baseline {readout['miou']['baseline']:.2f} %, ALGM {readout['miou']['algm']:.2f} %"
     lines.append(quality)
+    if readout.get("label_note"):
+        lines.append(f"⚠️ {readout['label_note']}.")
     if not readout["trained"]:
         lines.append("⚠️ untrained model: random weights, the segmentation is meaningless (the merging mechanics are real).")
     return "\n\n".join(lines)

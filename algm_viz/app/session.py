@@ -23,7 +23,7 @@ from ..evaluation.balance import attention_balance
 from ..evaluation.metrics import confusion_matrix, miou
 from ..flops import count_gflops
 from ..patch import MergeRecord, algm_state, apply_algm, remove_algm
-from ..preprocess import ImageError, normalize, to_rgb_uint8
+from ..preprocess import ImageError, check_label, normalize, to_rgb_uint8
 from ..timing import timed
 from .inputs import resize_for_model
 from .models import ModelEntry
@@ -196,8 +196,9 @@ class ImageSession:
     Args:
         entry: the model.
         image: ``[H, W, 3]`` uint8 RGB as uploaded.
-        label: ``[H, W]`` class ids as uploaded (values outside ``0..K-1`` are ignored), or None.
-            Stored resized to the model input, ignored pixels set to :data:`IGNORE_INDEX`.
+        label: ``[H, W]`` class ids as uploaded, or None. Stored resized to the model input, pixels
+            outside ``0..K-1`` set to :data:`IGNORE_INDEX` (``label_note`` says how many, when other
+            than :data:`IGNORE_INDEX` itself); a map with no class of the model raises :class:`ImageError`.
         max_side: cap on the long side after resizing.
         cache_size: ALGM settings remembered per image.
     """
@@ -208,13 +209,14 @@ class ImageSession:
         original = to_rgb_uint8(image)
         self.image = resize_for_model(original, entry.short_side, max_side, entry.patch_size)
         self.label = None
+        self.label_note: str | None = None
         if label is not None:
             label = np.asarray(label)
             if label.shape[:2] != original.shape[:2]:
                 raise ImageError(f"the label map is {label.shape[1]}×{label.shape[0]} but the image is "
                                  f"{original.shape[1]}×{original.shape[0]}")
-            resized = cv2.resize(label.astype(np.int32), self.image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-            self.label = np.where((resized >= 0) & (resized < entry.model.num_classes), resized, IGNORE_INDEX)
+            checked, self.label_note = check_label(label, entry.model.num_classes, IGNORE_INDEX)
+            self.label = cv2.resize(checked.astype(np.int32), self.image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
         mean, std = entry.model.mean_std
         self.tensor = normalize(self.image, mean, std, entry.device)
         self._lock = threading.Lock()

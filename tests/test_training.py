@@ -227,6 +227,10 @@ def test_sequence_splits_select_images_and_reject_shared_images(tmp_path):
     train(config)
     start = _log(out)[0]
     assert start["train_images"] == 2 and start["val_images"] == 1
+    from algm_viz.models.bundled import export_run
+
+    exported = json.loads((export_run(out / "best.pt", tmp_path / "bundle") / "config.json").read_text())
+    assert (exported["training"]["train_sequences"], exported["training"]["val_sequences"]) == (["aa"], ["cc"])
     with pytest.raises(ValueError, match="also training images"):
         train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "leak"), "val_root": str(root / "train"),
                              "val_sequences": ["bb"], "train_sequences": None}))

@@ -110,6 +110,8 @@ METHODS: dict[str, Method] = {
         Method("ailurus", "AiluRus (spatial-aware density clustering)", "keep", KEEPS, _ailurus,
                note="Density-peaks clustering with a spatial prior in one layer; every patch takes its "
                "cluster's output before the decoder."),
+        Method("ailurus_prop", "AiluRus + proportional attention", "keep", KEEPS, _ailurus, prop_attn=True,
+               note="AiluRus with ToMe's log-size key bias: a cluster weighs as the patches it holds."),
     )
 }
 

@@ -232,7 +232,8 @@ def test_keeping_every_token_equals_the_baseline():
 
 
 def test_methods_are_registered_and_their_merge_maps_render():
-    assert METHODS["expedite"].knob == METHODS["ailurus"].knob == "keep"
+    assert METHODS["expedite"].knob == METHODS["ailurus"].knob == METHODS["ailurus_prop"].knob == "keep"
+    assert METHODS["ailurus_prop"].prop_attn and not METHODS["ailurus"].prop_attn
     model = tiny_segmenter()
     model.input_short_side = 64
     image = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)

@@ -314,8 +314,9 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                visible=entry.sweep_rows is not None)
         balance_plot = gr.Plot(label="Attention balance per predicted class (paper Sec. 5.4)")
         balance_summary = gr.Markdown()
-        with gr.Accordion("Compare token reducers on this image (ALGM, ToMe, Segformer++, CTS-style)", open=False):
-            gr.Markdown("Each method over its own knob (τ, r, k, ratio, budget); quality is the agreement with the "
+        with gr.Accordion("Compare token reducers on this image (ALGM, ToMe, Segformer++, CTS-style, Expedite, AiluRus)",
+                          open=False):
+            gr.Markdown("Each method over its own knob (τ, r, k, ratio, budget, keep); quality is the agreement with the "
                         "baseline prediction (or the mIoU with a label map). CTS-style sharing uses a training-free "
                         "stand-in policy (superpatch colour homogeneity), not CTS's trained CNN.")
             compare_methods_box = gr.CheckboxGroup([(METHODS[m].label, m) for m in METHODS],

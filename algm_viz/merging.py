@@ -10,6 +10,9 @@ Shapes: ``B`` images, ``N`` input tokens, ``N'`` (padded) output tokens, ``C`` c
   :func:`bipartite_merge`, which also does ToMe's fixed-``r`` matching and Segformer++'s matching onto
   a strided grid of destinations (:func:`grid_destinations`).
 * :func:`budget_window_merge` merges the best windows under a fixed budget (CTS-style sharing).
+* ``official=True`` (CLAP) and :func:`official_global_merge` (GBM) follow the official ALGM code where
+  it differs from the paper: ``>=`` comparisons, the official output order and A/B partition, and
+  GBM's online threshold (:data:`ONLINE`), set per forward from the best-edge similarities.
 
 All return a :class:`Merge`, which maps every input token to an output slot (``groups``) and merges
 or unmerges any tensor laid out like the input with one scatter or one gather: bookkeeping is
@@ -19,19 +22,21 @@ code's batch-minimum behaviour (every image merges as many tokens as the image t
 available with ``batch_min=True``.
 
 Output order: each output token sits at the position of its representative input token (the window's
-top-left token for CLAP, the B token for GBM), so outputs keep the raster order of the input.
+top-left token for CLAP, the B token for GBM), so outputs keep the raster order of the input. The
+official CLAP order is different (merged windows first, by descending similarity; see :func:`local_merge`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ONLINE",
     "Merge",
     "alternate_destinations",
     "bipartite_merge",
@@ -39,6 +44,8 @@ __all__ = [
     "global_merge",
     "grid_destinations",
     "local_merge",
+    "official_global_merge",
+    "online_threshold",
     "window_index",
     "window_merge",
     "window_similarity",
@@ -55,12 +62,15 @@ class Merge:
         counts: ``[B]`` long, real output tokens per image; slots ``>= counts[b]`` are padding.
         num_out: ``N'`` = ``max(counts)``, the padded output length.
         input_mask: ``[B, N]`` bool, True for real input tokens, or None when all are real.
+        threshold: ``[B]`` fp32, the similarity threshold each image was merged with, where a threshold
+            decided the merge (CLAP, GBM); None otherwise.
     """
 
     groups: Tensor
     counts: Tensor
     num_out: int
     input_mask: Tensor | None = None
+    threshold: Tensor | None = None
 
     @property
     def num_in(self) -> int:
@@ -136,6 +146,33 @@ def _merge_from_targets(targets: Tensor, input_mask: Tensor | None) -> Merge:
     if input_mask is not None:
         groups = groups.masked_fill(~input_mask, num_out)
     return Merge(groups, counts, num_out, input_mask)
+
+
+#: The ``threshold`` of :func:`official_global_merge` that asks for the official code's online rule.
+ONLINE = "official"
+
+
+def _with_threshold(merge: Merge, threshold: Tensor | float) -> Merge:
+    """``merge`` with the ``[B]`` threshold it was made with recorded (a float is broadcast)."""
+    batch = merge.counts.shape[0]
+    value = torch.as_tensor(threshold, dtype=torch.float32, device=merge.counts.device).expand(batch).clone()
+    return replace(merge, threshold=value)
+
+
+def _rank_descending(score: Tensor) -> Tensor:
+    """``[B, M]`` -> ``[B, M]`` indices by descending score, ties by position (first index first), the
+    order of ToMe's ``argsort(descending=True)`` and ``max``/``argmax``."""
+    return score.argsort(dim=1, descending=True, stable=True)
+
+
+def _keep_top(merged: Tensor, score: Tensor, count: Tensor | int) -> Tensor:
+    """``[B, M]`` bool: per image, the ``count`` (``[B]`` or int) highest-scoring ``merged`` candidates,
+    ranked as :func:`_rank_descending` does."""
+    order = _rank_descending(score.masked_fill(~merged, float("-inf")))
+    count = torch.as_tensor(count, device=merged.device).reshape(-1, 1)
+    in_top = torch.arange(merged.shape[1], device=merged.device) < count  # [B, M] in rank order
+    keep = torch.zeros_like(merged).scatter_(1, order, in_top.expand_as(merged))
+    return keep & merged
 
 
 def _check_threshold(threshold: float) -> float:
@@ -220,6 +257,37 @@ def window_merge(selected: Tensor, index: Tensor, num_tokens: int) -> Merge:
     return _merge_from_targets(targets, None)
 
 
+def official_window_merge(selected: Tensor, similarity: Tensor, index: Tensor, num_tokens: int) -> Merge:
+    """Merge each selected window into one token, in the official ALGM code's output order.
+
+    Output slots: the merged windows first, by descending window similarity (ties by window order),
+    then every unmerged token in raster order. (The official code keeps a merged window in its
+    bottom-right token; which token represents a window has no effect on the merge.)
+
+    Args:
+        selected: ``[B, S]`` bool, which windows merge.
+        similarity: ``[B, S]`` the windows' similarities (the order of the merged ones).
+        index: ``[S, K]`` from :func:`window_index`.
+        num_tokens: ``N``.
+    """
+    batch, windows = selected.shape
+    k = index.shape[1]
+    order = _rank_descending(similarity.float().masked_fill(~selected, float("-inf")))  # [B, S]
+    positions = torch.arange(windows, device=selected.device).expand(batch, windows)
+    window_rank = torch.empty_like(order).scatter_(1, order, positions)  # [B, S] slot of each window
+    flat = index.flatten().expand(batch, -1)  # [B, S*K]
+    in_merged = torch.zeros(batch, num_tokens, dtype=torch.bool, device=selected.device)
+    in_merged.scatter_(1, flat, selected.repeat_interleave(k, dim=1))
+    window_of = torch.zeros(num_tokens, dtype=torch.long, device=selected.device)
+    window_of[index.flatten()] = torch.arange(windows, device=selected.device).repeat_interleave(k)
+    num_merged = selected.sum(1)  # [B]
+    unmerged = ~in_merged
+    unmerged_slot = unmerged.cumsum(1) - 1 + num_merged[:, None]
+    groups = torch.where(in_merged, window_rank.gather(1, window_of.expand(batch, -1)), unmerged_slot)
+    counts = num_merged + unmerged.sum(1)
+    return Merge(groups, counts, int(counts.max()) if counts.numel() else 0)
+
+
 def local_merge(
     tokens: Tensor,
     grid: tuple[int, int],
@@ -227,6 +295,7 @@ def local_merge(
     threshold: float,
     *,
     batch_min: bool = False,
+    official: bool = False,
 ) -> Merge:
     """CLAP: merge each full window whose mean pairwise cosine similarity is greater than ``threshold``.
 
@@ -237,18 +306,27 @@ def local_merge(
             pooling, as Segformer++'s 2-D neighbour merging).
         batch_min: merge, per image, only as many windows (its most similar ones) as the image of the
             batch that merges fewest (the paper code's behaviour; no padding).
+        official: the official ALGM code's CLAP: windows whose similarity is ``>=`` τ merge, and the
+            outputs come in its order (:func:`official_window_merge`), which its GBM partitions.
+    Returns:
+        The :class:`Merge`, with ``threshold`` = τ for every image.
     """
     threshold = _check_threshold(threshold)
     batch, num_tokens, _ = tokens.shape
     kh, kw = _check_window(grid, window, num_tokens)
     index = window_index(tuple(grid), (kh, kw), tokens.device)
     if index.numel() == 0 or kh * kw == 1:
-        return window_merge(torch.zeros(batch, index.shape[0], dtype=torch.bool, device=tokens.device), index, num_tokens)
+        none = torch.zeros(batch, index.shape[0], dtype=torch.bool, device=tokens.device)
+        return _with_threshold(window_merge(none, index, num_tokens), threshold)
     similarity = window_similarity(tokens, index)  # [B, S]
-    selected = similarity > threshold
+    selected = similarity >= threshold if official else similarity > threshold
+    if official:
+        if batch_min:
+            selected = _keep_top(selected, similarity, int(selected.sum(1).min()))
+        return _with_threshold(official_window_merge(selected, similarity, index, num_tokens), threshold)
     if batch_min:
         selected = _keep_batch_min(selected, similarity)
-    return window_merge(selected, index, num_tokens)
+    return _with_threshold(window_merge(selected, index, num_tokens), threshold)
 
 
 def budget_window_merge(scores: Tensor, grid: tuple[int, int], window: tuple[int, int] | int, budget: int) -> Merge:
@@ -363,6 +441,97 @@ def global_merge(
         threshold: τ; τ >= 1 merges nothing, τ < -1 merges every real A token.
         size: ``[B, N, 1]`` token sizes from an earlier merge; size-0 tokens are padding.
         batch_min: the paper code's batch-minimum behaviour (see :func:`bipartite_merge`).
+    Returns:
+        The :class:`Merge`, with ``threshold`` = τ for every image.
     """
     destinations = alternate_destinations(tokens.shape[1], tokens.device)
-    return bipartite_merge(tokens, destinations, threshold=threshold, size=size, batch_min=batch_min)
+    merge = bipartite_merge(tokens, destinations, threshold=threshold, size=size, batch_min=batch_min)
+    return _with_threshold(merge, threshold)
+
+
+def online_threshold(best: Tensor, eligible: Tensor, layer: int, *, batch_min: bool = False) -> Tensor:
+    """The official ALGM code's GBM threshold: mean + std / ``layer`` of the best-edge similarities.
+
+    Args:
+        best: ``[B, Na]`` each A token's best-edge similarity.
+        eligible: ``[B, Na]`` bool, the A tokens that may merge (the class token and padding are not).
+        layer: the GBM layer, 1-based.
+        batch_min: the official batch rule: the mean over images of the per-image means plus the mean
+            over images of the per-image stds divided by ``layer``, one value for the whole batch.
+            Otherwise each image's own mean + std / ``layer``.
+    Returns:
+        ``[B]`` fp32. The std is torch's (unbiased); an image with fewer than two eligible tokens has
+        std 0 and, with none, mean 0 (nothing of it can merge anyway).
+    """
+    if layer < 1:
+        raise ValueError(f"layer is 1-based, got {layer}")
+    best = best.float().masked_fill(~eligible, 0.0)
+    count = eligible.sum(1).float()
+    mean = best.sum(1) / count.clamp_min(1)
+    squares = (best - mean[:, None]).masked_fill(~eligible, 0.0).pow(2).sum(1)
+    std = (squares / (count - 1).clamp_min(1)).sqrt().masked_fill(count < 2, 0.0)
+    if batch_min:
+        return (mean.mean() + std.mean() / layer).expand_as(mean).clone()
+    return mean + std / layer
+
+
+def official_global_merge(
+    tokens: Tensor,
+    threshold: float | str,
+    size: Tensor | None = None,
+    *,
+    num_prefix: int = 1,
+    layer: int | None = None,
+    batch_min: bool = False,
+) -> Merge:
+    """GBM as the official ALGM code does it, on the whole sequence, prefix tokens included.
+
+    A = even, B = odd positions of ``tokens`` (so with one class token, A holds the class token and
+    the odd patches); the prefix tokens take no part (the official code sets the class token's row
+    to -inf). Similarities are the official code's (``a @ b.T`` of the normalised tokens), each A token
+    keeps its best B (the first one on a tie, as ``max`` does), and the edges ``>=`` the threshold
+    merge into their B token. With ``batch_min``, each image merges its ``r`` best edges (ranked as
+    ToMe's ``argsort``), ``r`` the fewest edges any image has at or above the threshold.
+
+    Args:
+        tokens: ``[B, T, C]``, ``num_prefix`` prefix tokens first, then the patch tokens in the order
+            the earlier stages left them (the official CLAP's order, :func:`official_window_merge`).
+        threshold: τ, or :data:`ONLINE` for the official online rule (:func:`online_threshold`).
+        size: ``[B, T, 1]`` token sizes; size-0 tokens are padding and take no part.
+        layer: the GBM layer (1-based), needed by the online rule.
+        batch_min: the official code's batch behaviour (one threshold and one ``r`` per batch).
+            Otherwise every image has its own threshold and merges every edge at or above it.
+    Returns:
+        The :class:`Merge` of the ``T - num_prefix`` patch tokens, with each image's threshold.
+        An image with no edge at or above its threshold merges nothing.
+    """
+    online = threshold == ONLINE
+    if online and layer is None:
+        raise ValueError("the online threshold needs the GBM layer")
+    if not online:
+        threshold = _check_threshold(threshold)
+    batch, length, _ = tokens.shape
+    if not 0 <= num_prefix <= length:
+        raise ValueError(f"num_prefix {num_prefix} does not fit {length} tokens")
+    valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device) if size is None else size[..., 0] > 0
+    valid[:, :num_prefix] = False
+    unit = F.normalize(tokens.float(), dim=-1)
+    scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+    valid_a, valid_b = valid[:, ::2], valid[:, 1::2]
+    scores.masked_fill_(~valid_b[:, None, :], float("-inf"))
+    best, best_b = scores.max(-1)  # [B, Na]
+    eligible = valid_a & (best > float("-inf"))
+    if online:
+        per_image = online_threshold(best, eligible, layer, batch_min=batch_min)
+    else:
+        per_image = torch.full((batch,), threshold, dtype=torch.float32, device=tokens.device)
+    merged = eligible & (best >= per_image[:, None])
+    if batch_min:
+        merged = _keep_top(merged, best, int(merged.sum(1).min()) if batch else 0)
+    positions = torch.arange(length, device=tokens.device)
+    targets = positions.expand(batch, length).clone()
+    targets[:, ::2] = torch.where(merged, positions[1::2][best_b], positions[::2])
+    patch_targets = targets[:, num_prefix:] - num_prefix
+    patch_valid = valid[:, num_prefix:]
+    merge = _merge_from_targets(patch_targets, None if bool(patch_valid.all()) else patch_valid)
+    return replace(merge, threshold=per_image)

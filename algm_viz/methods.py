@@ -14,7 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .clustering import ailurus_planner, expedite_planner
-from .patch import MergeStage, SharePolicy, apply_algm, apply_merging, colour_homogeneity_policy, find_vit
+from .patch import ONLINE, MergeStage, SharePolicy, apply_algm, apply_merging, colour_homogeneity_policy, find_vit
 
 __all__ = ["Method", "METHODS", "apply_method"]
 
@@ -116,10 +116,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-def apply_method(model: nn.Module, name: str, value: float | None, *, policy: SharePolicy = colour_homogeneity_policy,
+def apply_method(model: nn.Module, name: str, value: float | str | None, *, policy: SharePolicy = colour_homogeneity_policy,
                  **options: Any) -> nn.Module:
     """Patch ``model`` in place with method ``name`` at knob ``value`` (for the ALGM variants, None = the
-    model's calibrated τ). ``options`` go to the method: ``local_layer``/``global_layer``/``window`` for the
+    model's calibrated τ, ``"official"`` = the official code's mode: CLAP at the calibrated τ, GBM's online
+    threshold, see :func:`~algm_viz.patch.apply_algm`). ``options`` go to the method:
+    ``local_layer``/``global_layer``/``window``/``batch_min``/``mode`` for the
     ALGM variants (a variant's own fixed layers win, e.g. CLAP only ignores ``global_layer``),
     ``stride``/``layer`` for grid matching, ``window`` for sharing, ``layer``/``grid``/``k``/... for
     Expedite and AiluRus. Returns ``model``."""
@@ -128,8 +130,10 @@ def apply_method(model: nn.Module, name: str, value: float | None, *, policy: Sh
     method, depth = METHODS[name], len(find_vit(model).blocks)
     if method.algm:
         window = options.pop("window", (2, 2))
+        engine = {key: options.pop(key) for key in ("batch_min", "mode") if key in options}
         local_layer, global_layer = method.build(depth, **options)
-        return apply_algm(model, local_layer, global_layer, window, local_threshold=value, global_threshold=value,
-                          prop_attn=method.prop_attn)
+        local = None if value == ONLINE else value
+        return apply_algm(model, local_layer, global_layer, window, local_threshold=local, global_threshold=value,
+                          prop_attn=method.prop_attn, **engine)
     stages = method.build(value, depth, **options)
     return apply_merging(model, stages, prop_attn=method.prop_attn, policy=policy)

@@ -8,6 +8,11 @@ CTS-style sharing), all on the same :class:`~algm_viz.merging.Merge` objects and
 ``global_layer`` (1-based, as in the paper), between attention and MLP, on the tokens after the
 attention residual. Prefix tokens (class/register tokens) are never merged. After a forward,
 ``state.record`` says what was merged, per image.
+
+Two modes (``mode=``): ``"paper"`` (the default) follows the paper's text; ``"official"`` follows the
+official ALGM code where it differs: ``>=`` comparisons, CLAP's output order, GBM's A/B partition over
+the whole sequence (class token included) and, by default, GBM's online threshold
+(``global_threshold="official"``, :data:`~algm_viz.merging.ONLINE`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .merging import (
+    ONLINE,
     Merge,
     alternate_destinations,
     bipartite_merge,
@@ -29,10 +35,13 @@ from .merging import (
     global_merge,
     grid_destinations,
     local_merge,
+    official_global_merge,
     window_index,
 )
 
 __all__ = [
+    "MODES",
+    "ONLINE",
     "ALGMConfig",
     "ALGMState",
     "MergeRecord",
@@ -53,6 +62,8 @@ __all__ = [
 AUTHOR_DEFAULT_THRESHOLDS = {192: 0.90, 384: 0.88, 768: 0.94, 1024: 0.95}
 
 STAGE_KINDS = ("clap", "gbm", "tome", "pool2d", "grid", "share", "cluster")
+#: ``"paper"``: as the paper describes ALGM; ``"official"``: as the official ALGM code runs it.
+MODES = ("paper", "official")
 _GRID_KINDS = ("clap", "pool2d", "grid", "share", "cluster")  # need the full patch grid
 
 #: ``planner(tokens [B, N, C], grid, size [B, N, 1] | None) -> Merge``: a ``"cluster"`` stage's merge.
@@ -60,6 +71,17 @@ ClusterPlanner = Callable[[Tensor, tuple[int, int], Optional[Tensor]], Merge]
 
 #: ``policy(images [B, 3, H, W], grid, window, patch_size) -> [B, S]`` scores, one per full window.
 SharePolicy = Callable[[Tensor, tuple[int, int], tuple[int, int], tuple[int, int]], Tensor]
+
+
+def _number(value: object, name: str) -> float:
+    """``value`` as a float; a clear error for None, NaN and anything else that is not a number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isnan(number):
+        raise ValueError(f"{name} a number, not NaN (τ >= 1 merges nothing), got {value!r}")
+    return number
 
 
 def _pair(value: tuple[int, int] | int, name: str) -> tuple[int, int]:
@@ -86,12 +108,14 @@ class MergeStage:
                      unmerged at the encoder output, before any decoder (the record says ``restored``).
     ``metric``: ``"tokens"`` (the block's tokens after the attention residual) or ``"keys"`` (the
     attention keys, mean over heads, as ToMe). ``kv_only``: merge only this block's keys and values
-    (queries and the token count are kept; Segformer++'s key/value merging).
+    (queries and the token count are kept; Segformer++'s key/value merging). ``mode`` (``clap`` and
+    ``gbm``): ``"official"`` runs them as the official ALGM code does (:data:`MODES`); a ``gbm``
+    threshold of :data:`ONLINE` is then its online rule.
     """
 
     kind: str
     layer: int
-    threshold: Optional[float] = None
+    threshold: Optional[float | str] = None
     r: Optional[int] = None
     ratio: Optional[float] = None
     budget: Optional[float] = None
@@ -101,18 +125,24 @@ class MergeStage:
     kv_only: bool = False
     name: str = ""
     planner: Optional[ClusterPlanner] = None
+    mode: str = "paper"
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"unknown stage kind {self.kind!r}; use one of {', '.join(STAGE_KINDS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "official" and self.kind not in ("clap", "gbm"):
+            raise ValueError(f"mode 'official' applies to clap and gbm stages, not {self.kind}")
         if self.metric not in ("tokens", "keys"):
             raise ValueError(f"metric must be 'tokens' or 'keys', got {self.metric!r}")
         object.__setattr__(self, "window", _pair(self.window, "window"))
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
-        if self.kind in ("clap", "gbm"):
-            if self.threshold is None or math.isnan(float(self.threshold)):
-                raise ValueError(f"{self.kind} needs a threshold (a number, not NaN)")
-            object.__setattr__(self, "threshold", float(self.threshold))
+        if self.kind == "gbm" and self.threshold == ONLINE:
+            if self.mode != "official":
+                raise ValueError(f"the online threshold {ONLINE!r} is the official code's: use mode='official'")
+        elif self.kind in ("clap", "gbm"):
+            object.__setattr__(self, "threshold", _number(self.threshold, f"{self.kind} needs a threshold:"))
         if self.kind == "tome" and (self.r is None or self.r < 0):
             raise ValueError("tome needs r >= 0")
         for key in ("ratio", "budget"):
@@ -130,32 +160,47 @@ class MergeStage:
 
 @dataclass(frozen=True)
 class ALGMConfig:
-    """The paper's configuration. A layer of None switches that stage off."""
+    """The paper's configuration. A layer of None switches that stage off.
+
+    ``global_threshold`` is a τ or :data:`ONLINE` (the official code's online rule). ``mode`` is one of
+    :data:`MODES`, or None: ``"official"`` when ``global_threshold`` is :data:`ONLINE`, else ``"paper"``.
+    """
 
     local_layer: Optional[int] = 1
     global_layer: Optional[int] = 5
     window: tuple[int, int] = (2, 2)
     local_threshold: float = 0.9
-    global_threshold: float = 0.9
+    global_threshold: float | str = 0.9
     prop_attn: bool = False
     batch_min: bool = False
+    mode: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for key in ("local_threshold", "global_threshold"):
-            value = float(getattr(self, key))
-            if math.isnan(value):
-                raise ValueError(f"{key} is NaN; use a number (τ >= 1 merges nothing)")
-            object.__setattr__(self, key, value)
+        object.__setattr__(self, "local_threshold", _number(self.local_threshold, "local_threshold must be"))
+        if self.global_threshold != ONLINE:
+            object.__setattr__(self, "global_threshold", _number(self.global_threshold, "global_threshold must be"))
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "paper" and self.global_threshold == ONLINE:
+            raise ValueError(f"the online threshold {ONLINE!r} is the official code's: use mode='official'")
         object.__setattr__(self, "window", _pair(self.window, "window"))
         if self.local_layer is not None and self.global_layer is not None and self.global_layer < self.local_layer:
             raise ValueError("global_layer must not come before local_layer (CLAP needs the full grid)")
 
+    @property
+    def resolved_mode(self) -> str:
+        """``"paper"`` or ``"official"`` (a ``mode`` of None follows ``global_threshold``)."""
+        if self.mode is not None:
+            return self.mode
+        return "official" if self.global_threshold == ONLINE else "paper"
+
     def stages(self) -> list[MergeStage]:
-        stages = []
+        stages, mode = [], self.resolved_mode
         if self.local_layer is not None:
-            stages.append(MergeStage("clap", self.local_layer, threshold=self.local_threshold, window=self.window, name="local"))
+            stages.append(MergeStage("clap", self.local_layer, threshold=self.local_threshold, window=self.window,
+                                     name="local", mode=mode))
         if self.global_layer is not None:
-            stages.append(MergeStage("gbm", self.global_layer, threshold=self.global_threshold, name="global"))
+            stages.append(MergeStage("gbm", self.global_layer, threshold=self.global_threshold, name="global", mode=mode))
         return stages
 
 
@@ -187,6 +232,11 @@ class MergeRecord:
         for _, _, merge in self.stages:
             total = merge if total is None else total.then(merge)
         return total
+
+    def thresholds(self) -> dict[str, Tensor]:
+        """``{"<stage>": [B] fp32}``: the similarity threshold each image was merged with, for the stages
+        a threshold decides (CLAP, GBM; the official online rule sets one per image)."""
+        return {name: merge.threshold.cpu() for name, _, merge in self.stages if merge.threshold is not None}
 
     def token_counts(self) -> dict[str, Tensor]:
         """``{"patches": [B], "<stage>": [B], ...}`` real tokens per image after each stage."""
@@ -263,7 +313,8 @@ class ALGMState:
             raise RuntimeError(f"{stage.name} needs the full patch grid: run it before any token-reducing stage")
         grid = self.record.grid
         if stage.kind == "clap":
-            return local_merge(metric, grid, stage.window, stage.threshold, batch_min=self.batch_min)
+            return local_merge(metric, grid, stage.window, stage.threshold, batch_min=self.batch_min,
+                               official=stage.mode == "official")
         if stage.kind == "pool2d":
             return local_merge(metric, grid, stage.window, float("-inf"))
         if stage.kind == "cluster":
@@ -279,7 +330,7 @@ class ALGMState:
         if self._images is None:
             raise RuntimeError("token sharing needs the input images")
         scores = self.policy(self._images, grid, stage.window, self._patch_size)
-        windows = window_index(grid, stage.window).shape[0]
+        windows = window_index(grid, stage.window, scores.device).shape[0]
         return budget_window_merge(scores, grid, stage.window, round(stage.budget * windows))
 
     def merge_in_layer(self, layer: int, x: Tensor, keys: Tensor | None = None, *, before_attention: bool = False) -> Tensor:
@@ -295,9 +346,13 @@ class ALGMState:
         prefix = self.num_prefix_tokens
         patches = x[:, prefix:]
         patch_size = None if self.size is None else self.size[:, prefix:]
-        metric = patches if stage.metric == "tokens" else keys[:, prefix:]
+        sequence_metric = x if stage.metric == "tokens" else keys
         with torch.profiler.record_function(f"algm.{stage.kind}_merge"):
-            merge = self.plan(stage, metric, patch_size)
+            if stage.kind == "gbm" and stage.mode == "official":  # partitions the whole sequence
+                merge = official_global_merge(sequence_metric, stage.threshold, self.size, num_prefix=prefix,
+                                              layer=stage.layer, batch_min=self.batch_min)
+            else:
+                merge = self.plan(stage, sequence_metric[:, prefix:], patch_size)
             patches, patch_size = merge.merge(patches, patch_size)
             x = torch.cat([x[:, :prefix], patches], dim=1)
             self.size = torch.cat([patch_size.new_ones(x.shape[0], prefix, 1), patch_size], dim=1)
@@ -492,18 +547,27 @@ def apply_algm(
     global_layer: Optional[int] = 5,
     window: tuple[int, int] | int = (2, 2),
     local_threshold: Optional[float] = None,
-    global_threshold: Optional[float] = None,
+    global_threshold: Optional[float | str] = None,
     *,
     prop_attn: bool = False,
     batch_min: bool = False,
+    mode: Optional[str] = None,
 ) -> nn.Module:
     """Patch ``model`` in place with ALGM: CLAP in ``local_layer``, GBM in ``global_layer``.
 
     Thresholds left as None take the model's calibrated values (``model.algm_thresholds``, a dict with
     ``"local"``/``"global"``) where it has them, else the authors' defaults for the ViT's width.
-    Applying again replaces the configuration. Returns ``model``.
+    ``global_threshold="official"`` (:data:`ONLINE`) is the official code's online GBM threshold, set
+    per image (per batch with ``batch_min=True``, as the official code) and recorded in
+    ``state.record.thresholds()``; it implies ``mode="official"``. ``mode="official"`` runs CLAP and
+    GBM as the official code does (``>=`` comparisons, its token order and A/B partition; see
+    :mod:`algm_viz.merging`), with the online threshold unless ``global_threshold`` is a number;
+    ``mode="paper"`` (the default otherwise) follows the paper. Applying again replaces the
+    configuration. Returns ``model``.
     """
     default = default_thresholds(model)
+    if mode == "official" and global_threshold is None:
+        global_threshold = ONLINE
     config = ALGMConfig(
         local_layer=local_layer,
         global_layer=global_layer,
@@ -512,12 +576,15 @@ def apply_algm(
         global_threshold=global_threshold if global_threshold is not None else default["global"],
         prop_attn=prop_attn,
         batch_min=batch_min,
+        mode=mode,
     )
     return apply_merging(model, config.stages(), prop_attn=prop_attn, batch_min=batch_min, config=config)
 
 
-def set_thresholds(model: nn.Module, local_threshold: float | None = None, global_threshold: float | None = None) -> None:
-    """Change τ of an ALGM-patched model without re-patching (None keeps a value)."""
+def set_thresholds(model: nn.Module, local_threshold: float | None = None,
+                   global_threshold: float | str | None = None) -> None:
+    """Change τ of an ALGM-patched model without re-patching (None keeps a value; ``global_threshold``
+    may be :data:`ONLINE`, see :func:`apply_algm`)."""
     state = algm_state(model)
     if state is None or state.config is None:
         raise RuntimeError("ALGM is not applied to this model")

@@ -139,7 +139,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             _write_json({**meta, "rows": rows}, out)
             rows_to_csv(rows, out.with_suffix(".csv"), dataset.class_names)
             write_html([threshold_figure(rows), pareto_figure(rows, "gflops"), pareto_figure(rows, "images_per_s")],
-                       out.with_suffix(".html"), title=f"algm-viz sweep: {args.model} on {dataset.name}")
+                       out.with_suffix(".html"), title=f"algm-viz sweep: {args.model} on {dataset.name} "
+                                                       f"{args.split or ''} {','.join(meta['sequences'])} ({meta['images']} images)")
             log.info("wrote %s and %s", out.with_suffix(".csv"), out.with_suffix(".html"))
     finally:
         teardown(context)

@@ -3,6 +3,8 @@
 Host and port also come from ``ALGM_VIZ_HOST``/``ALGM_VIZ_PORT`` or, as Hugging Face Spaces set them,
 ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` (default 127.0.0.1:7860); CPU threads from ``--threads`` or
 ``ALGM_VIZ_THREADS``; ``--mcp`` (or ``ALGM_VIZ_MCP=1``) also serves the endpoints as MCP tools.
+Checkpoints from server-side folders load only on a loopback host without ``--share``, unless
+``--allow-server-paths`` (or ``ALGM_VIZ_ALLOW_SERVER_PATHS=1``); uploads are limited to 1 GiB each.
 The same file is the Space's app.
 """
 
@@ -16,6 +18,8 @@ import torch
 
 from algm_viz.app import build_demo
 from algm_viz.app.files import exit_on_sigterm
+from algm_viz.app.models import ALLOW_SERVER_PATHS_ENV, MAX_UPLOAD_BYTES, ModelRegistry, server_paths_allowed
+from algm_viz.app.ui import Handlers
 
 
 def _parse_args() -> argparse.Namespace:
@@ -28,6 +32,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--mcp", action="store_true", default=env("ALGM_VIZ_MCP", "").lower() in ("1", "true"),
                         help="also serve the named endpoints as MCP tools at /gradio_api/mcp/ (or ALGM_VIZ_MCP=1)")
+    parser.add_argument("--allow-server-paths", action="store_true",
+                        help="let users load checkpoints from server-side folders even on a non-loopback host or "
+                             f"with --share (or {ALLOW_SERVER_PATHS_ENV}=1); uploads always load")
     return parser.parse_args()
 
 
@@ -37,5 +44,6 @@ if __name__ == "__main__":
     exit_on_sigterm()  # so that exit handlers remove the temporary folders
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    build_demo().queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                          mcp_server=args.mcp)
+    registry = ModelRegistry(allow_paths=server_paths_allowed(args.host, args.share, args.allow_server_paths))
+    build_demo(Handlers(registry)).queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                             mcp_server=args.mcp, max_file_size=MAX_UPLOAD_BYTES)

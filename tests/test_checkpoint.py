@@ -166,3 +166,28 @@ def test_wrong_checkpoints_are_rejected(official, damage, message, capsys):
     with pytest.raises(CheckpointError, match=message):
         load_segmenter(folder)
     assert "must never run" not in capsys.readouterr().out
+
+
+def test_official_style_variant_with_tuples_loads(official):
+    """The official training script writes variant.yml with ``yaml.dump``: tuples get a !!python/tuple tag."""
+    folder, state = official
+    written = variant()
+    written["net_kwargs"]["image_size"] = (SIZE, SIZE)
+    written["dataset_kwargs"]["crop_size"] = (SIZE, SIZE)
+    written["algorithm_kwargs"] = {"batch_size": 8, "start_epoch": 0, "eval_freq": 4}
+    text = yaml.dump(written)
+    assert "!!python/tuple" in text
+    (folder / "variant.yml").write_text(text)
+    assert_loaded(load_segmenter(folder), state)
+    (folder / "variant.yml").write_text(text.replace("!!python/tuple", "!!python/object/apply:builtins.tuple"))
+    with pytest.raises(CheckpointError, match="python/object/apply:builtins.tuple, which is not accepted"):
+        load_segmenter(folder)
+
+
+def test_calibration_thresholds_in_the_variant_are_used(official):
+    folder, _ = official
+    (folder / "variant.yml").write_text(yaml.safe_dump({**variant(), "algm_thresholds": {"local": 0.8, "global": 0.7}}))
+    assert load_segmenter(folder).algm_thresholds == {"local": 0.8, "global": 0.7}
+    (folder / "variant.yml").write_text(yaml.safe_dump({**variant(), "algm_thresholds": {"local": "high"}}))
+    with pytest.raises(CheckpointError, match="algm_thresholds must map names to numbers"):
+        load_segmenter(folder)

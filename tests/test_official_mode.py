@@ -542,3 +542,44 @@ def test_modes_and_thresholds_are_validated_and_discoverable(small_segmenter):
         assert algm_state(model).stages[1].mode == "official"
     finally:
         remove_algm(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Position embeddings: the official code's bilinear resize
+# ----------------------------------------------------------------------------------------------------
+
+def official_resize_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
+    """The official Segmenter's ``resize_pos_embed``: the grid part resized bilinearly, class token kept."""
+    token, grid = pos_embed[:, :1], pos_embed[0, 1:]
+    grid = grid.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new_grid, mode="bilinear")
+    return torch.cat([token, grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)], dim=1)
+
+
+@torch.no_grad()
+def test_bilinear_pos_embed_is_the_official_resize():
+    from algm_viz.models import set_pos_embed_interpolation
+
+    torch.manual_seed(0)
+    model = create_segmenter("vit_tiny_patch16_384", num_classes=5, depth=4, embed_dim=64, num_heads=2,
+                             image_size=64, pos_embed_interpolation="bilinear").eval()
+    assert model.pos_embed_interpolation == "bilinear"
+    encoder, images = model.encoder, mixed_images()
+    patches = encoder.patch_embed(images)  # [2, 5, 7, C]
+    expected = torch.cat([encoder.cls_token.expand(2, -1, -1), patches.flatten(1, 2)], 1)
+    expected = expected + official_resize_pos_embed(encoder.pos_embed, (4, 4), (5, 7))
+    torch.testing.assert_close(encoder._pos_embed(patches), expected, atol=1e-6, rtol=0)
+    bilinear = model(images)
+    apply_algm(model, 1, 3, local_threshold=0.5, mode="official")
+    set_pos_embed_interpolation(model, "bicubic")  # merging stays applied
+    assert model.pos_embed_interpolation == "bicubic" and algm_state(model) is not None
+    remove_algm(model)
+    bicubic = model(images)
+    assert (bicubic - bilinear).abs().max() > 1e-3  # timm's bicubic antialiased resize differs
+    square = torch.randn(1, 3, 64, 64)  # the size the embedding is laid out for: both are the identity
+    reference = model(square)
+    set_pos_embed_interpolation(model, "bilinear")
+    torch.testing.assert_close(model(square), reference)
+    torch.testing.assert_close(model(images), bilinear)
+    with pytest.raises(ValueError, match="bicubic, bilinear"):
+        set_pos_embed_interpolation(model, "nearest")

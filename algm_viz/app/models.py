@@ -3,33 +3,61 @@
 Keys: ``"bundled:<name>"`` (shipped, offline), ``"untrained"`` (random weights, for trying the UI),
 ``"official:<name>"`` (:data:`algm_viz.models.KNOWN_MODELS`, downloaded and cached on first use) and
 ``"path:<folder>"`` (a local checkpoint folder in the official Segmenter format).
+
+Loaded models are kept least-recently-used first within a count and memory budget (the default model
+stays); checkpoints from the server's own folders load only where :func:`server_paths_allowed` says so.
 """
 
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..models import KNOWN_MODELS, CheckpointError, Segmenter, create_segmenter, load_segmenter
+from ..models.variant import DEFAULT_LIMITS, ModelLimits
 from ..patch import default_thresholds
 from ..render import group_colors
 from .gpu import on_zero_gpu
 
-__all__ = ["ModelEntry", "ModelRegistry", "UNTRAINED_LABEL", "default_device"]
+__all__ = ["ModelEntry", "ModelRegistry", "UNTRAINED_LABEL", "default_device", "server_paths_allowed",
+           "MAX_UPLOAD_BYTES", "ALLOW_SERVER_PATHS_ENV"]
 
 logger = logging.getLogger(__name__)
 
 UNTRAINED_LABEL = "untrained ViT-Tiny (random weights — for trying the UI only)"
 BUNDLED_NAME = "camvid-vit-tiny"
+#: Largest uploaded file (the app's ``max_file_size``) and checkpoint file the app reads: 1 GiB holds a
+#: ViT-B Segmenter with its optimizer state.
+MAX_UPLOAD_BYTES = 2**30
+#: Set to 1/true to let remote users load checkpoints from server-side folders (``--allow-server-paths``).
+ALLOW_SERVER_PATHS_ENV = "ALGM_VIZ_ALLOW_SERVER_PATHS"
+
+
+def server_paths_allowed(host: str, share: bool = False, explicit: bool = False) -> bool:
+    """Whether the app may load checkpoints from server-side folders: only when it serves a loopback
+    address without a public share link, unless ``explicit`` (``--allow-server-paths``) or the environment
+    variable :data:`ALLOW_SERVER_PATHS_ENV` says so."""
+    if explicit or os.environ.get(ALLOW_SERVER_PATHS_ENV, "").lower() in ("1", "true", "yes"):
+        return True
+    if share or "SPACE_ID" in os.environ:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_device() -> torch.device:
@@ -72,6 +100,16 @@ class ModelEntry:
     def patch_size(self) -> int:
         return self.model.patch_size
 
+    @property
+    def nbytes(self) -> int:
+        """Memory of the model's parameters and buffers."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def windows(self, largest: int = 4) -> list[int]:
+        """CLAP window sides up to ``largest`` that fit the patch grid at the model's input short side."""
+        return list(range(1, max(1, min(largest, self.short_side // self.patch_size)) + 1))
+
 
 def _bundled_folder(name: str) -> Path | None:
     """The folder of bundled model ``name``, None while it is not part of this installation."""
@@ -105,22 +143,35 @@ class ModelRegistry:
         untrained: keyword arguments of :func:`create_segmenter` for the untrained placeholder model
             (default: ViT-Tiny/16, mask transformer, 11 classes).
         include_bundled: offer the bundled model (when installed) as the default.
-        allow_paths: load checkpoints from any server-side folder given as ``"path:<folder>"``
-            (default: yes, except on a Hugging Face Space); uploaded ones (:meth:`add_folder`) always load.
+        allow_paths: load checkpoints from any server-side folder given as ``"path:<folder>"`` or
+            ``"bundled:<folder>"`` (default: yes, except on a Hugging Face Space; the app passes
+            :func:`server_paths_allowed`); uploaded ones (:meth:`add_folder`) always load.
+        max_models, max_model_bytes: loaded models kept at once, and their parameter memory; beyond
+            either, the least recently used ones (never the default model) are dropped.
+        limits: what a ``variant.yml`` may describe (:class:`~algm_viz.models.variant.ModelLimits`).
+        max_checkpoint_bytes: largest ``checkpoint.pth`` read from an upload or a server-side folder.
     """
 
     def __init__(self, device: torch.device | str | None = None, default_short_side: int = 512,
                  untrained: dict[str, Any] | None = None, include_bundled: bool = True,
-                 allow_paths: bool | None = None) -> None:
+                 allow_paths: bool | None = None, max_models: int = 4, max_model_bytes: int = 3 * 2**30,
+                 limits: ModelLimits = DEFAULT_LIMITS, max_checkpoint_bytes: int = MAX_UPLOAD_BYTES) -> None:
+        if max_models < 1:
+            raise ValueError(f"max_models must be at least 1, got {max_models}")
         self.device = torch.device(device) if device is not None else default_device()
         self.default_short_side = default_short_side
         self.untrained = {"num_classes": 11, **(untrained or {})}
         self.include_bundled = include_bundled
         self.allow_paths = "SPACE_ID" not in os.environ if allow_paths is None else allow_paths
+        self.max_models = max_models
+        self.max_model_bytes = max_model_bytes
+        self.limits = limits
+        self.max_checkpoint_bytes = max_checkpoint_bytes
         self._added: set[str] = set()
-        self._entries: dict[str, ModelEntry] = {}
+        self._entries: OrderedDict[str, ModelEntry] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._evict_listeners: list[Callable[[str], None]] = []
 
     def choices(self) -> list[tuple[str, str]]:
         """``(label, key)`` pairs for a dropdown, default first."""
@@ -152,9 +203,45 @@ class ModelRegistry:
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # one load per model; other models stay available meanwhile
-            if key not in self._entries:
-                self._entries[key] = self._load(key)
-            return self._entries[key]
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    return entry
+            entry = self._load(key)
+            with self._lock:
+                self._entries[key] = entry
+                evicted = self._evict()
+        for old in evicted:
+            logger.info("dropped %s from memory (least recently used)", old)
+            for listener in self._evict_listeners:
+                listener(old)
+        return entry
+
+    def on_evict(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(key)`` after the model ``key`` was dropped (e.g. to drop caches holding it)."""
+        self._evict_listeners.append(listener)
+
+    def loaded(self) -> list[str]:
+        """Keys of the models in memory, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def _evict(self) -> list[str]:
+        """Drop least recently used models beyond the budget (the caller holds ``_lock``); their keys."""
+        pinned = self.default_key()
+        evicted = []
+        while len(self._entries) > 1:
+            total = sum(e.nbytes for e in self._entries.values())
+            if len(self._entries) <= self.max_models and total <= self.max_model_bytes:
+                break
+            victim = next((k for k in self._entries if k != pinned), None)
+            if victim is None or victim == next(reversed(self._entries)):
+                break  # only the default model and the one just used remain
+            del self._entries[victim]
+            self._key_locks.pop(victim, None)
+            evicted.append(victim)
+        return evicted
 
     def _load(self, key: str) -> ModelEntry:
         kind, _, name = key.partition(":")
@@ -164,6 +251,8 @@ class ModelRegistry:
             names = tuple(f"class {i}" for i in range(model.num_classes))
             return self._entry(key, UNTRAINED_LABEL, model, names, None, self.default_short_side, trained=False)
         if kind == "bundled" and name:
+            if not (self.allow_paths or (name == Path(name).name and name not in (".", ".."))):
+                raise ValueError("loading models from server-side folders is disabled here: name a bundled model")
             folder = _bundled_folder(name)
             if folder is None:
                 raise CheckpointError(f"the bundled model {name!r} is not part of this installation")
@@ -179,7 +268,7 @@ class ModelRegistry:
             if not (self.allow_paths or key in self._added):
                 raise ValueError("loading checkpoints from server-side folders is disabled here: upload the files instead")
             folder = Path(name).expanduser()
-            model = load_segmenter(folder)
+            model = load_segmenter(folder, limits=self.limits, max_checkpoint_bytes=self.max_checkpoint_bytes)
             names = tuple(getattr(model, "class_names", None) or (f"class {i}" for i in range(model.num_classes)))
             rows = _read_sweep(folder if folder.is_dir() else folder.parent)
             return self._entry(key, f"checkpoint {folder}", model, names, getattr(model, "colors", None),

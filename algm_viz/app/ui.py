@@ -104,6 +104,12 @@ class Handlers:
         self.pictures = PictureFiles()
         self.exports = TempFolders("export", root=upload_root())
         self._by_file: LRU[ImageSession] = LRU(self.sessions.capacity)
+        registry.on_evict(self._forget_sessions)
+
+    def _forget_sessions(self, model_key: str) -> None:
+        """Drop the per-image caches when a model leaves the registry, so that its memory is freed."""
+        self.sessions = SessionCache(self.sessions.capacity, self.sessions.max_side)
+        self._by_file = LRU(self.sessions.capacity)
 
     def _session(self, model: str, image: str, label: str | None) -> ImageSession:
         """The session of these files; a file seen before (same path, size and modification time) is not
@@ -138,6 +144,12 @@ class Handlers:
             text,
             gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), visible=entry.sweep_rows is not None),
         )
+
+    @user_errors
+    def select_window(self, model: str, window: int):
+        """-> the CLAP window radio with the sides that fit the model's patch grid (``window`` kept if it fits)."""
+        sides = self.registry.get(model).windows()
+        return gr.Radio(choices=sides, value=window if window in sides else min(2, sides[-1]))
 
     @user_errors
     def load_checkpoint(self, path: str | None, files: Sequence[str] | None, progress: gr.Progress = gr.Progress(track_tqdm=True)):
@@ -293,7 +305,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                    elem_id="tau-global")
             auto_button = gr.Button("τ = auto (μ+σ)", scale=0)
         with gr.Row():
-            window = gr.Radio([1, 2, 3, 4], value=2, label="CLAP window k×k (1 = no local merging)")
+            window = gr.Radio(entry.windows(), value=min(2, entry.windows()[-1]), label="CLAP window k×k (1 = no local merging)")
             global_layer = gr.Slider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
             prop_attn = gr.Checkbox(False, label="Proportional attention", elem_id="prop-attn",
                                     info="a merged token weighs in attention as the patches it holds (ToMe); "
@@ -350,6 +362,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
         chain(model.change(handlers.select_model, [model], model_outputs, api_name="select_model", **work)
+              .then(handlers.select_window, [model, window], [window], api_visibility="private")
               .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
         gr.on([checkpoint_path.submit, checkpoint_files.upload], handlers.load_checkpoint,
               [checkpoint_path, checkpoint_files], [model], api_name="load_checkpoint", **work)

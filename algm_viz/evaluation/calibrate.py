@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..merging import window_index, window_similarity
+from ..models.variant import MAX_VARIANT_BYTES, read_variant
 from ..patch import find_vit
 from .inference import merging_disabled, prepare
 
@@ -159,9 +160,13 @@ def store_thresholds(model_dir: str | Path, result: dict[str, Any]) -> Path:
     calibration = {key: result[key] for key in ("layers", "window", "images") if key in result}
     variant, config = folder / "variant.yml", folder / "config.json"
     if variant.is_file():
-        data = yaml.safe_load(variant.read_text()) or {}
+        data = read_variant(variant)
         data.update(algm_thresholds=thresholds, algm_calibration=calibration)
-        variant.write_text(yaml.safe_dump(data, sort_keys=False))
+        text = yaml.safe_dump(data, sort_keys=False)
+        if len(text.encode()) > MAX_VARIANT_BYTES:
+            raise ValueError(f"variant.yml with the calibration would exceed {MAX_VARIANT_BYTES} bytes, "
+                             "more than load_segmenter reads")
+        variant.write_text(text)
         return variant
     if config.is_file():
         data = json.loads(config.read_text())

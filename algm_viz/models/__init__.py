@@ -2,7 +2,7 @@
 
 from .checkpoint import KNOWN_MODELS, CheckpointError, fetch_checkpoint, load_segmenter, save_segmenter
 from .decoders import AttentionToMask, SETRNaive, SETRProgressive
-from .segmenter import DECODERS, LinearDecoder, MaskTransformer, Segmenter, create_segmenter
+from .segmenter import DECODERS, LinearDecoder, MaskTransformer, Segmenter, create_segmenter, set_pos_embed_interpolation
 
 __all__ = [
     "DECODERS",
@@ -18,4 +18,5 @@ __all__ = [
     "fetch_checkpoint",
     "load_segmenter",
     "save_segmenter",
+    "set_pos_embed_interpolation",
 ]

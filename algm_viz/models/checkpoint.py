@@ -2,7 +2,8 @@
 
 The official format is a folder with ``checkpoint.pth`` (a dict whose ``"model"`` entry is the state
 dict) and ``variant.yml`` (whose ``net_kwargs`` describe the network). Checkpoints are read with
-``torch.load(..., weights_only=True)``: nothing in them is executed.
+``torch.load(..., weights_only=True)``: nothing in them is executed; ``variant.yml`` is untrusted input
+checked by :mod:`.variant` before anything is built.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .segmenter import Segmenter, create_segmenter
+from .variant import DEFAULT_LIMITS, CheckpointError, ModelLimits, NetSpec, check_budget, check_state_shapes, excerpt, read_variant
 
 __all__ = ["KNOWN_MODELS", "load_segmenter", "save_segmenter", "fetch_checkpoint", "cache_dir", "CheckpointError"]
 
@@ -32,10 +34,6 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "seg_large_mask_640": {"url": f"{_OFFICIAL_ROOT}/seg_large_mask_640", "dataset": "ade20k", "backbone": "ViT-L/16", "miou": 51.8, "gflops": 672},
 }
 _FILES = ("checkpoint.pth", "variant.yml")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, malformed, or does not fit the network it describes."""
 
 
 def cache_dir() -> Path:
@@ -93,39 +91,28 @@ def _resolve(path_or_url: str | os.PathLike) -> Path:
     return folder
 
 
-def _read_variant(folder: Path) -> dict[str, Any]:
+def _build(spec: NetSpec) -> Segmenter:
     try:
-        variant = yaml.safe_load((folder / "variant.yml").read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"variant.yml is not valid YAML: {error}") from error
-    if not isinstance(variant, dict) or not isinstance(variant.get("net_kwargs"), dict):
-        raise CheckpointError("variant.yml has no net_kwargs mapping")
-    return variant
+        return create_segmenter(**spec.create_kwargs())
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"variant.yml does not describe a supported Segmenter: {excerpt(str(error), 200)}") from error
 
 
-def _build(net: dict[str, Any]) -> Segmenter:
-    decoder = net.get("decoder", {})
-    if net.get("distilled"):
-        raise CheckpointError("distilled (DeiT) Segmenter variants are not supported")
+def _read_state(path: Path, map_location: str | torch.device, max_bytes: int | None) -> dict[str, torch.Tensor]:
+    """The state dict in ``checkpoint.pth`` (its ``"model"`` entry, or the file's dict itself), read with
+    ``weights_only=True``; refused without reading when the file is larger than ``max_bytes``."""
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise CheckpointError(f"checkpoint.pth is {size / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} MiB "
+                              "accepted here")
     try:
-        size = net["image_size"]
-        model = create_segmenter(
-            net["backbone"],
-            decoder=decoder.get("name", "mask_transformer"),
-            num_classes=int(net.get("n_cls", decoder.get("n_cls"))),
-            image_size=tuple(size) if isinstance(size, (list, tuple)) else int(size),
-            normalization=net.get("normalization", "vit"),
-            decoder_layers=int(decoder.get("n_layers", 2)),
-            layer_norm_eps=float(net.get("layer_norm_eps", 1e-5)),
-            patch_size=int(net["patch_size"]),
-            embed_dim=int(net["d_model"]),
-            depth=int(net["n_layers"]),
-            num_heads=int(net["n_heads"]),
-            mlp_ratio=float(net.get("d_ff", 4 * int(net["d_model"]))) / int(net["d_model"]),
-        )
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"variant.yml does not describe a supported Segmenter: {error}") from error
-    return model
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # pickle/zip errors come in many types
+        raise CheckpointError(f"checkpoint.pth could not be read safely: {excerpt(str(error), 200)}") from error
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError("checkpoint.pth holds no state dict")
+    return state
 
 
 def _official_to_local(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,28 +120,32 @@ def _official_to_local(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v for k, v in state.items() if not k.startswith("encoder.head.")}
 
 
-def load_segmenter(path_or_url: str | os.PathLike, map_location: str | torch.device = "cpu") -> Segmenter:
+def load_segmenter(path_or_url: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                   limits: ModelLimits = DEFAULT_LIMITS, max_checkpoint_bytes: int | None = None) -> Segmenter:
     """Load a Segmenter from a known model name, a URL, or a local folder/``checkpoint.pth``.
 
-    Raises :class:`CheckpointError` with a clear message for anything that is not such a checkpoint.
+    Nothing is allocated for the network before ``variant.yml`` passed :func:`~.variant.read_variant`,
+    its dimensions ``limits`` (bounds and the parameter/activation budget) and the state dict's shapes;
+    ``checkpoint.pth`` larger than ``max_checkpoint_bytes`` is refused unread. Raises
+    :class:`CheckpointError` with a clear message for anything that is not such a checkpoint.
     """
     folder = _resolve(path_or_url)
-    variant = _read_variant(folder)
-    model = _build(variant["net_kwargs"])
+    variant = read_variant(folder / "variant.yml")
+    spec = NetSpec.from_net_kwargs(variant["net_kwargs"], limits)
+    check_budget(spec, limits)
+    state = _official_to_local(_read_state(folder / "checkpoint.pth", map_location, max_checkpoint_bytes))
+    check_state_shapes(spec, state)
+    model = _build(spec)
     try:
-        checkpoint = torch.load(folder / "checkpoint.pth", map_location=map_location, weights_only=True)
-    except Exception as error:  # pickle/zip errors come in many types
-        raise CheckpointError(f"checkpoint.pth could not be read safely: {error}") from error
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError("checkpoint.pth holds no state dict")
-    try:
-        model.load_state_dict(_official_to_local(state), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint.pth does not fit variant.yml: {error}") from error
+        raise CheckpointError(f"checkpoint.pth does not fit variant.yml: {excerpt(str(error), 300)}") from error
     thresholds = variant.get("algm_thresholds")
     if isinstance(thresholds, dict):
-        model.algm_thresholds = {k: float(v) for k, v in thresholds.items()}
+        try:
+            model.algm_thresholds = {str(k): float(v) for k, v in thresholds.items()}
+        except (TypeError, ValueError):
+            raise CheckpointError(f"variant.yml: algm_thresholds must map names to numbers, got {excerpt(thresholds)}") from None
     return model.eval()
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .checkpoint import KNOWN_MODELS, load_segmenter
 from .segmenter import Segmenter, create_segmenter
+from .variant import check_backbone
 
 __all__ = ["load_model", "UNTRAINED_PREFIX"]
 
@@ -17,10 +18,12 @@ def load_model(spec: str, num_classes: int = 150) -> Segmenter:
 
     * a bundled model name or folder (``assets/models/<name>``, with ``config.json``);
     * an official Segmenter checkpoint: a known name (``seg_tiny_mask``), URL, or local folder;
-    * ``untrained:<timm backbone>``: random weights with ``num_classes`` classes (for trying things out).
+    * ``untrained:<timm backbone>``: random weights with ``num_classes`` classes (for trying things out);
+      a plain timm ViT name only (:func:`~.variant.check_backbone`), never pretrained.
     """
     if spec.startswith(UNTRAINED_PREFIX):
-        return create_segmenter(spec[len(UNTRAINED_PREFIX):] or "vit_tiny_patch16_384", num_classes=num_classes).eval()
+        backbone = check_backbone(spec[len(UNTRAINED_PREFIX):] or "vit_tiny_patch16_384")
+        return create_segmenter(backbone, num_classes=num_classes, pretrained=False).eval()
     if spec in KNOWN_MODELS or "://" in spec:
         return load_segmenter(spec)
     path = Path(spec).expanduser()

@@ -17,20 +17,49 @@ from torch import Tensor, nn
 
 from .. import _compat  # noqa: F401  (before timm)
 import timm
-from timm.models.vision_transformer import Block
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..patch import algm_state
+from ..patch import algm_state, merging_restored, remove_algm
 from .decoders import AttentionToMask, SETRNaive, SETRProgressive
 
-__all__ = ["Segmenter", "MaskTransformer", "LinearDecoder", "create_segmenter", "NORMALIZATION", "DECODERS"]
+__all__ = [
+    "Segmenter", "MaskTransformer", "LinearDecoder", "OfficialPosEmbedViT", "create_segmenter",
+    "set_pos_embed_interpolation", "NORMALIZATION", "DECODERS", "POS_EMBED_INTERPOLATIONS",
+]
 
 #: Decoder names accepted by :func:`create_segmenter`.
 DECODERS = ("linear", "mask_transformer", "setr_naive", "setr_pup", "atm")
+
+#: How a position embedding laid out for one patch grid is resized to another: ``"bicubic"`` (timm's,
+#: antialiased; the default) or ``"bilinear"`` (the official Segmenter code's, no antialiasing).
+POS_EMBED_INTERPOLATIONS = ("bicubic", "bilinear")
 
 NORMALIZATION = {
     "vit": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
     "deit": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
 }
+
+
+class OfficialPosEmbedViT(VisionTransformer):
+    """timm's ``VisionTransformer`` (with ``dynamic_img_size``) resizing its position embedding as the
+    official Segmenter code does: bilinear, ``align_corners=False``, no antialiasing (timm: bicubic,
+    antialiased). The same weights, the same forward otherwise."""
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        """``[B, h, w, C]`` patch embeddings -> ``[B, prefix + h*w, C]`` with prefix tokens and positions."""
+        if not self.dynamic_img_size or self.pos_embed is None:
+            return super()._pos_embed(x)
+        batch, height, width, channels = x.shape
+        pos_embed = resample_abs_pos_embed(
+            self.pos_embed, new_size=(height, width), old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            interpolation="bilinear", antialias=False,
+        )
+        x = x.reshape(batch, -1, channels)
+        prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None]
+        x = torch.cat([*prefix, x + pos_embed], dim=1) if self.no_embed_class else torch.cat([*prefix, x], dim=1) + pos_embed
+        return self.pos_drop(x)
 
 
 class LinearDecoder(nn.Module):
@@ -120,6 +149,12 @@ class Segmenter(nn.Module):
         self.algm_thresholds: dict[str, float] | None = None
 
     @property
+    def pos_embed_interpolation(self) -> str:
+        """``"bilinear"`` (the official Segmenter code's resize) or ``"bicubic"`` (timm's); see
+        :func:`set_pos_embed_interpolation`."""
+        return "bilinear" if isinstance(self.encoder, OfficialPosEmbedViT) else "bicubic"
+
+    @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         stats = NORMALIZATION[self.normalization]
         return stats["mean"], stats["std"]
@@ -179,6 +214,7 @@ def create_segmenter(
     dropout: float = 0.0,
     layer_norm_eps: Optional[float] = None,
     pretrained: bool = False,
+    pos_embed_interpolation: str = "bicubic",
     **encoder_kwargs,
 ) -> Segmenter:
     """Build a Segmenter on the timm plain ViT ``backbone``.
@@ -192,6 +228,7 @@ def create_segmenter(
         image_size: the size the position embedding is laid out for; other sizes are interpolated.
         normalization: ``"vit"`` (mean = std = 0.5) or ``"deit"`` (ImageNet statistics).
         layer_norm_eps: LayerNorm epsilon of the encoder (the official Segmenter uses 1e-5; timm 1e-6).
+        pos_embed_interpolation: one of :data:`POS_EMBED_INTERPOLATIONS` (see :func:`set_pos_embed_interpolation`).
         encoder_kwargs: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``, ``num_heads``).
     """
     if normalization not in NORMALIZATION:
@@ -223,4 +260,27 @@ def create_segmenter(
         head = SETRProgressive(num_classes, d_encoder, patch_size=patch_size, dropout=dropout)
     else:  # "atm"
         head = AttentionToMask(num_classes, d_encoder, n_layers=decoder_layers, dropout=dropout)
-    return Segmenter(encoder, head, num_classes, normalization)
+    model = Segmenter(encoder, head, num_classes, normalization)
+    return set_pos_embed_interpolation(model, pos_embed_interpolation)
+
+
+def set_pos_embed_interpolation(model: Segmenter, interpolation: str) -> Segmenter:
+    """Resize ``model``'s position embedding to other input sizes with ``interpolation`` (in place).
+
+    ``"bilinear"`` is the official Segmenter (and ALGM) code's resize: use it to reproduce the official
+    code's logits with an official checkpoint at another size than it was trained for (the logits can
+    differ by ~0.1 between the two). ``"bicubic"`` is timm's (antialiased), the default and what the
+    bundled model was trained with. At the size the embedding is laid out for, both are the identity.
+    Token merging applied to ``model`` stays applied. Returns ``model``.
+    """
+    if interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"pos_embed_interpolation must be one of {', '.join(POS_EMBED_INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    with merging_restored(model):
+        remove_algm(model)
+        if type(model.encoder) not in (VisionTransformer, OfficialPosEmbedViT):
+            if interpolation == "bicubic":
+                return model
+            raise ValueError(f"the bilinear resize needs a timm VisionTransformer, not {type(model.encoder).__name__}")
+        model.encoder.__class__ = OfficialPosEmbedViT if interpolation == "bilinear" else VisionTransformer
+    return model

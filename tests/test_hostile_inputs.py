@@ -1,0 +1,269 @@
+"""Hostile model uploads: YAML bombs, oversized and malicious variants, absurd sizes, backbone names that
+reach out, checkpoints that do not fit, and the app's model-side limits (server paths, eviction, controls).
+
+The variant cases run in one subprocess that records, per case, the refusal message, its time and the
+growth of peak resident memory (VmHWM reset through ``/proc/self/clear_refs`` before each case).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import cv2
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from algm_viz.app.models import ALLOW_SERVER_PATHS_ENV, ModelRegistry, server_paths_allowed
+from algm_viz.app.session import SessionCache
+from algm_viz.app.ui import Handlers
+from algm_viz.models import CheckpointError, create_segmenter, load_segmenter, save_segmenter
+from algm_viz.models import checkpoint as checkpoint_module
+from algm_viz.models.variant import EXCERPT_CHARS, MAX_VARIANT_BYTES, NetSpec, estimate_activation_bytes, estimate_parameters
+
+NET = {"backbone": "vit_tiny_patch16_384", "d_model": 32, "n_heads": 2, "n_layers": 2, "patch_size": 16,
+       "image_size": 64, "n_cls": 5, "decoder": {"name": "linear"}}
+MAX_RSS_GROWTH = 300 * 2**20
+#: An error message never repeats more of the upload than this.
+MAX_MESSAGE_CHARS = 400
+
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+) + "net_kwargs: {backbone: *i}\n"
+
+
+def _variant(**net) -> str:
+    return yaml.safe_dump({"net_kwargs": {**NET, **net}})
+
+
+#: name -> (variant.yml text, refusal the message must contain)
+CASES: dict[str, tuple[str, str]] = {
+    "yaml_bomb": (BILLION_LAUGHS, "anchors or aliases"),
+    "yaml_bomb_merge_key": ("base: &b {n_cls: 5}\nnet_kwargs:\n  <<: *b\n", "anchors or aliases"),
+    "oversized": (_variant() + "# padding\n" * 4_000_000, f"larger than {MAX_VARIANT_BYTES} bytes"),
+    "python_object": ("net_kwargs: !!python/object/apply:os.system ['touch PWNED']\n", "python/object/apply:os.system"),
+    "python_name": ("net_kwargs: {backbone: !!python/name:os.system ''}\n", "python/name:os.system"),
+    "custom_tag": ("net_kwargs: !custom {}\n", "the tag !custom"),
+    "deep_nesting": ("net_kwargs: " + "[" * 200 + "]" * 200 + "\n", "nests deeper"),
+    "long_bad_line": ("net_kwargs: {backbone: '" + "x" * 10_000 + "'\n", "not valid YAML"),
+    "long_value": (_variant(backbone="y" * 10_000), "plain timm model name"),
+    "not_utf8": ("net_kwargs: {backbone: \udcff}\n", "not UTF-8"),
+    "huge_integer": ("net_kwargs: {d_model: " + "9" * 5000 + "}\n", "cannot be read"),
+    "no_net_kwargs": ("- 1\n- 2\n", "no net_kwargs mapping"),
+    "d_model_huge": (_variant(d_model=100_000), "d_model must be a whole number in 8..2048, got 100000"),
+    "d_model_text": (_variant(d_model="abc"), "d_model must be a whole number in 8..2048, got abc"),
+    "d_model_bool": (_variant(d_model=True), "d_model must be a whole number"),
+    "image_size_huge": (_variant(image_size=[100_000, 100_000]), "image_size must be a whole number in 16..2048"),
+    "image_size_three": (_variant(image_size=[64, 64, 64]), "image_size must be a whole number"),
+    "n_cls_huge": (_variant(n_cls=10_000_000), "n_cls must be a whole number in 1..1024, got 10000000"),
+    "n_layers_huge": (_variant(n_layers=1000), "n_layers must be a whole number in 1..48"),
+    "n_heads_zero": (_variant(n_heads=0), "n_heads must be a whole number in 1..64"),
+    "n_heads_indivisible": (_variant(n_heads=3), "d_model 32 is not divisible by n_heads 3"),
+    "patch_zero": (_variant(patch_size=0), "patch_size must be a whole number in 2..64"),
+    "patch_over_image": (_variant(patch_size=64, image_size=32), "smaller than patch_size"),
+    "d_ff_huge": (_variant(d_ff=10**9), "d_ff must be a whole number in 1..256"),
+    "decoder_layers_huge": (_variant(decoder={"name": "mask_transformer", "n_layers": 500}), "decoder n_layers"),
+    "decoder_unknown": (_variant(decoder={"name": "os.system"}), "decoder name must be one of"),
+    "parameter_budget": (_variant(d_model=2048, n_heads=16, n_layers=12, d_ff=8192, image_size=512),
+                         "too large for this server: about 608 M parameters"),
+    "activation_budget": (_variant(n_cls=1024, image_size=2048, patch_size=32), "GiB of activations at 2048×2048"),
+    "backbone_hf_hub": (_variant(backbone="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"), "plain timm model name"),
+    "backbone_local_dir": (_variant(backbone="local-dir:/etc"), "plain timm model name"),
+    "backbone_path": (_variant(backbone="/etc/passwd"), "plain timm model name"),
+    "backbone_url": (_variant(backbone="https://example.com/vit.pth"), "plain timm model name"),
+    "backbone_not_vit": (_variant(backbone="resnet50"), "is not a timm plain ViT"),
+    "backbone_list": (_variant(backbone=["vit_tiny_patch16_384"]), "plain timm model name"),
+}
+
+PROBE = """
+import json, sys, time
+from pathlib import Path
+from algm_viz.models import load_segmenter
+
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+root = Path(sys.argv[1])
+load_segmenter(root / "valid")  # warm-up: lazy imports and allocator pools do not count
+results = {}
+for folder in sorted(p for p in root.iterdir() if p.name != "valid"):
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set (VmHWM)
+    before, start = status("VmRSS"), time.perf_counter()
+    try:
+        load_segmenter(folder)
+        message = None
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+    results[folder.name] = {"message": message, "seconds": time.perf_counter() - start,
+                            "rss_growth": status("VmHWM") - before}
+print(json.dumps(results))
+"""
+
+
+def _tiny_checkpoint(folder: Path, **net) -> Path:
+    """A random model matching ``NET`` (with ``net`` overrides) saved in the official format."""
+    spec = {**NET, **net}
+    torch.manual_seed(0)
+    model = create_segmenter(spec["backbone"], decoder=spec["decoder"]["name"], num_classes=spec["n_cls"],
+                             image_size=spec["image_size"], patch_size=spec["patch_size"], embed_dim=spec["d_model"],
+                             depth=spec["n_layers"], num_heads=spec["n_heads"], layer_norm_eps=1e-5)
+    return save_segmenter(model, folder, spec)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> dict[str, dict]:
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to measure the peak resident memory of each case")
+    root = tmp_path_factory.mktemp("hostile")
+    valid = _tiny_checkpoint(root / "valid")
+    for name, (text, _) in CASES.items():
+        folder = root / name
+        folder.mkdir()
+        (folder / "checkpoint.pth").symlink_to(valid / "checkpoint.pth")
+        (folder / "variant.yml").write_bytes(text.encode("utf-8", "surrogateescape"))
+    done = subprocess.run([sys.executable, "-c", PROBE, str(root)], capture_output=True, text=True, timeout=300,
+                          cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (root / "PWNED").exists(), "a python tag was executed"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_variant_is_refused_clearly_in_bounded_memory(probe, case):
+    result = probe[case]
+    message = result["message"]
+    assert message is not None, f"{case} loaded"
+    assert message.startswith("CheckpointError: "), message[:MAX_MESSAGE_CHARS]
+    assert CASES[case][1] in message, message[:MAX_MESSAGE_CHARS]
+    assert len(message) <= MAX_MESSAGE_CHARS, f"{len(message)} characters: {message[:200]}"
+    assert result["rss_growth"] < MAX_RSS_GROWTH, f"peak memory grew {result['rss_growth'] / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("case", ["parameter_budget", "activation_budget", "yaml_bomb", "oversized", "n_cls_huge"])
+def test_budget_and_bombs_are_refused_within_a_second(probe, case):
+    assert probe[case]["seconds"] < 1.0, f"{case} took {probe[case]['seconds']:.2f} s to refuse"
+
+
+def test_error_excerpts_are_short():
+    assert EXCERPT_CHARS < MAX_MESSAGE_CHARS < len(CASES["long_value"][0])
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_building(tmp_path, monkeypatch):
+    folder = _tiny_checkpoint(tmp_path / "model", n_layers=2)
+    built = []
+    monkeypatch.setattr(checkpoint_module, "create_segmenter", lambda **kw: built.append(kw))
+    for net, message in (({"n_layers": 4}, "2 encoder blocks, n_layers is 4"),
+                         ({"d_model": 64}, "encoder.patch_embed.proj.weight has shape (32, 3, 16, 16), variant.yml implies (64, 3, 16, 16)"),
+                         ({"image_size": 128}, "encoder.pos_embed has shape (1, 17, 32), variant.yml implies (1, 65, 32)"),
+                         ({"n_cls": 7}, "decoder.head.weight has shape (5, 32)")):
+        (folder / "variant.yml").write_text(yaml.safe_dump({"net_kwargs": {**NET, **net}}))
+        with pytest.raises(CheckpointError, match="does not fit variant.yml") as error:
+            load_segmenter(folder)
+        assert message in str(error.value)
+    torch.save({"model": {"encoder.blocks.0.x": "not a tensor"}}, folder / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match="non-tensor entry"):
+        load_segmenter(folder)
+    assert built == [], "no network is built for a checkpoint that does not fit"
+
+
+def test_checkpoint_larger_than_the_limit_is_not_read(tmp_path, monkeypatch):
+    folder = _tiny_checkpoint(tmp_path / "model")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must not run"))
+    with pytest.raises(CheckpointError, match="MiB accepted here"):
+        load_segmenter(folder, max_checkpoint_bytes=1000)
+    registry = ModelRegistry(device="cpu", include_bundled=False, untrained=dict(depth=2, embed_dim=32, num_heads=2),
+                             max_checkpoint_bytes=1000)
+    with pytest.raises(CheckpointError, match="MiB accepted here"):
+        registry.get(registry.add_folder(folder))
+
+
+@pytest.mark.parametrize("host, share, explicit, allowed", [
+    ("127.0.0.1", False, False, True), ("localhost", False, False, True), ("::1", False, False, True),
+    ("0.0.0.0", False, False, False), ("192.168.1.4", False, False, False), ("example.org", False, False, False),
+    ("127.0.0.1", True, False, False), ("0.0.0.0", False, True, True), ("127.0.0.1", True, True, True),
+])
+def test_server_paths_only_on_loopback_unless_allowed(host, share, explicit, allowed, monkeypatch):
+    monkeypatch.delenv(ALLOW_SERVER_PATHS_ENV, raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert server_paths_allowed(host, share, explicit) is allowed
+    monkeypatch.setenv(ALLOW_SERVER_PATHS_ENV, "1")
+    assert server_paths_allowed(host, share, explicit) is True
+    monkeypatch.setenv(ALLOW_SERVER_PATHS_ENV, "0")
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    assert server_paths_allowed(host, share, explicit) is explicit
+
+
+def test_locked_registry_refuses_server_folders_for_checkpoints_and_bundled_models(tmp_path):
+    folder = _tiny_checkpoint(tmp_path / "model")
+    registry = ModelRegistry(device="cpu", include_bundled=False, untrained=dict(depth=2, embed_dim=32, num_heads=2),
+                             allow_paths=False)
+    with pytest.raises(ValueError, match="server-side folders is disabled"):
+        registry.get(f"path:{folder}")
+    for name in (str(tmp_path), "..", "../assets"):
+        with pytest.raises(ValueError, match="server-side folders is disabled"):
+            registry.get(f"bundled:{name}")
+    assert registry.get(registry.add_folder(folder)).depth == NET["n_layers"], "an upload still loads"
+
+
+def _image(tmp_path: Path) -> str:
+    path = tmp_path / "image.png"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_least_recently_used_models_are_dropped_and_their_memory_freed(tmp_path):
+    registry = ModelRegistry(device="cpu", default_short_side=64, include_bundled=False,
+                             untrained=dict(depth=2, embed_dim=32, num_heads=2), max_models=2)
+    handlers = Handlers(registry, SessionCache(), thresholds=(0.9,), with_gflops=False)
+    keys = [registry.add_folder(_tiny_checkpoint(tmp_path / f"m{i}")) for i in range(3)]
+    image = _image(tmp_path)
+    handlers.analyze(keys[0], image, None, 0.9, 0.9, 2, 2)  # a cached session now holds model 0
+    first = weakref.ref(registry.get(keys[0]).model)
+    registry.get("untrained")
+    registry.get(keys[1])
+    assert registry.loaded() == ["untrained", keys[1]], "model 0 was least recently used"
+    gc.collect()
+    assert first() is None, "the dropped model is freed (no cache keeps it)"
+    registry.get(keys[2])
+    assert registry.loaded() == ["untrained", keys[2]], "the default model stays"
+    small = ModelRegistry(device="cpu", include_bundled=False, untrained=dict(depth=2, embed_dim=32, num_heads=2),
+                          max_model_bytes=1)
+    for key in ("untrained", keys[0], keys[1]):
+        small.get(key)
+    assert small.loaded() == ["untrained", keys[1]], "over the memory budget only the default and the last stay"
+    assert handlers.analyze(keys[0], image, None, 0.9, 0.9, 2, 2)[6]["tokens"], "a dropped model loads again"
+
+
+def test_controls_follow_a_two_layer_model(tmp_path):
+    registry = ModelRegistry(device="cpu", default_short_side=32, include_bundled=False,
+                             untrained=dict(depth=6, embed_dim=32, num_heads=2))
+    handlers = Handlers(registry, SessionCache(), thresholds=(0.9,), with_gflops=False)
+    key = handlers.load_checkpoint(str(_tiny_checkpoint(tmp_path / "two-layers")), None).value
+    local, global_, layer, status, _ = handlers.select_model(key)
+    assert (layer.minimum, layer.maximum, layer.value) == (1, 2, 2)
+    assert "2 layers" in status
+    window = handlers.select_window(key, 4)
+    assert [value for _, value in window.choices] == [1, 2] and window.value == 2, "a 2×2 grid takes windows up to 2"
+    readout = handlers.analyze(key, _image(tmp_path), None, local.value, global_.value, window.value, layer.value)[6]
+    assert readout["tokens"]
+    untrained_layer = handlers.select_model("untrained")[2]
+    assert (untrained_layer.maximum, untrained_layer.value) == (6, 5)
+    with pytest.raises(gr.Error, match="global_layer must be in 1..2, got 5"):
+        handlers.analyze(key, _image(tmp_path), None, 0.9, 0.9, 2, 5)
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mask_transformer", "atm", "setr_naive", "setr_pup"])
+def test_parameter_estimate_is_the_built_count(decoder):
+    spec = NetSpec.from_net_kwargs({**NET, "image_size": [64, 96], "patch_size": 8, "d_ff": 96, "n_cls": 7,
+                                    "decoder": {"name": decoder, "n_layers": 2}})
+    model = create_segmenter(**spec.create_kwargs())
+    assert estimate_parameters(spec) == sum(p.numel() for p in model.parameters())
+    assert estimate_activation_bytes(spec) > 4 * spec.num_classes * 64 * 96, "at least the full-resolution logits"

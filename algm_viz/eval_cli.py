@@ -225,7 +225,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=formatter)
     _add_data_args(p, None)
     _add_algm_args(p)
-    p.add_argument("--taus", default="0.80:0.98:0.02", help="start:stop:step (inclusive) or a,b,c; 'auto' (alone or as an item) adds the model's calibrated τ pair")
+    p.add_argument("--taus", default="0.80:0.98:0.02", help="start:stop:step (inclusive) or a,b,c; 'auto' (alone or as an item) adds the model's calibrated τ pair, 'official' the official ALGM code's mode (online GBM threshold; each row's thresholds_used says what it was)")
     p.add_argument("--methods", default="baseline,algm", help=f"comma-separated, from {','.join(available_methods())}")
     p.add_argument("--values", type=_method_values, action="append", metavar="METHOD=V1,V2",
                    help="knob values of a non-τ method, e.g. tome=4,8 (repeatable; default: the method's own)")

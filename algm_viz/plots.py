@@ -36,19 +36,28 @@ _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
 def row_threshold(row: Row) -> float | None:
-    """The τ a row was measured at: the CLAP τ, else the GBM τ, else the value of a τ knob (None for
-    the baseline and for methods with another knob)."""
+    """The τ a row was measured at: the CLAP τ, else the GBM τ (for the official online rule, the mean
+    threshold its images used), else the value of a τ knob (None for the baseline and for methods with
+    another knob)."""
     if row.get("method") == "baseline":
         return None
     for key in ("local_threshold", "global_threshold"):
-        if row.get(key) is not None:
+        if row.get(key) == "official":
+            used = (row.get("thresholds_used") or {}).get("global")
+            if used is not None:
+                return float(used)
+        elif row.get(key) is not None:
             return float(row[key])
+    if row.get("value") == "official":
+        return None
     return float(row["value"]) if row.get("knob") == "τ" and row.get("value") is not None else None
 
 
 def _label(row: Row) -> str:
     if row.get("value") == "auto":
         return f"calibrated τ ({row['local_threshold']:g}, {row['global_threshold']:g})"
+    if row.get("value") == "official":
+        return f"official (online) GBM τ, mean {(row.get('thresholds_used') or {}).get('global', math.nan):.3f}"
     tau = row_threshold(row)
     if tau is not None:
         return f"τ = {tau:g}"
@@ -97,12 +106,13 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
     """mIoU (left axis, solid, error bars = the paired bootstrap interval of ΔmIoU against the baseline where the
     rows have one) and images/s (right axis, dashed, p25–p75 error bars) against τ, one colour per τ method
     (methods with another knob are left out); a calibrated (local, global) pair (``value`` = ``"auto"``) as a
-    star at its local τ; the baseline as horizontal reference lines; ``current`` τ as a vertical marker."""
+    star at its local τ, the official code's mode (``"official"``) as a diamond at its local τ (GBM only: the
+    mean online GBM τ); the baseline as horizontal reference lines; ``current`` τ as a vertical marker."""
     figure = make_subplots(specs=[[{"secondary_y": True}]])
     tau_methods = [m for m in _methods(rows) if any(r["method"] == m and row_threshold(r) is not None for r in rows)]
     for color, method in zip(_PALETTE * 4, tau_methods):
         measured = [r for r in rows if r["method"] == method and row_threshold(r) is not None]
-        points = sorted((r for r in measured if r.get("value") != "auto"), key=row_threshold)
+        points = sorted((r for r in measured if r.get("value") not in ("auto", "official")), key=row_threshold)
         taus = [row_threshold(r) for r in points]
         figure.add_trace(
             go.Scatter(x=taus, y=[r["miou"] for r in points], mode="lines+markers", name=f"{method} {quality_label}",
@@ -116,11 +126,15 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
                        legendgroup=method),
             secondary_y=True,
         )
-        for row in (r for r in measured if r.get("value") == "auto"):
-            pair = f"calibrated τ: local {row['local_threshold']:.3f}, global {row['global_threshold']:.3f}"
+        for row in (r for r in measured if r.get("value") in ("auto", "official")):
+            if row["value"] == "auto":
+                pair = f"the calibrated τ: local {row['local_threshold']:.3f}, global {row['global_threshold']:.3f}"
+            else:
+                pair = _label(row)
             figure.add_trace(
-                go.Scatter(x=[row_threshold(row)], y=[row["miou"]], mode="markers", name=f"{method} at the {pair}",
-                           marker={"color": color, "symbol": "star", "size": 14, "line": {"color": "black", "width": 1}},
+                go.Scatter(x=[row_threshold(row)], y=[row["miou"]], mode="markers", name=f"{method} at {pair}",
+                           marker={"color": color, "symbol": "star" if row["value"] == "auto" else "diamond-wide",
+                                   "size": 14, "line": {"color": "black", "width": 1}},
                            legendgroup=method, error_y=_delta_error([row]), text=[_delta_text(row)]),
                 secondary_y=False,
             )
@@ -210,7 +224,7 @@ def rows_to_csv(rows: Sequence[Row], path: str | Path, class_names: Sequence[str
     header = ["method", "local_threshold", "global_threshold", "knob", "value", "miou", "miou_low", "miou_high",
               "delta_miou", "delta_miou_low", "delta_miou_high", "images", "images_per_s", "images_per_s_p25",
               "images_per_s_p75", "gflops", "flops_images", "tokens_patches", "tokens_local", "tokens_global",
-              "tokens_final", "tokens_by_stage"]
+              "tokens_final", "tokens_by_stage", "thresholds_used"]
     header += [f"iou_{name}" for name in classes]
     path = Path(path)
     with path.open("w", newline="") as handle:
@@ -222,10 +236,11 @@ def rows_to_csv(rows: Sequence[Row], path: str | Path, class_names: Sequence[str
             delta_ci = r.get("delta_miou_ci") or [None, None]
             tokens = r.get("tokens", {})
             stages = " ".join(f"{s['name']}:{s['tokens']:.1f}" for s in r.get("stages", ()))
+            used = " ".join(f"{name}:{value:.4f}" for name, value in (r.get("thresholds_used") or {}).items())
             writer.writerow([r["method"], r.get("local_threshold"), r.get("global_threshold"), r.get("knob"),
                              r.get("value"), r["miou"], *miou_ci, r.get("delta_miou"), *delta_ci, r.get("images"),
                              r["images_per_s"], spread[0], spread[1], r.get("gflops"), r.get("flops_images"),
-                             *(tokens.get(stage) for stage in ("patches", "local", "global", "final")), stages,
+                             *(tokens.get(stage) for stage in ("patches", "local", "global", "final")), stages, used,
                              *r.get("per_class_iou", ())])
     return path
 

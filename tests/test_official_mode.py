@@ -583,3 +583,47 @@ def test_bilinear_pos_embed_is_the_official_resize():
     torch.testing.assert_close(model(images), bilinear)
     with pytest.raises(ValueError, match="bicubic, bilinear"):
         set_pos_embed_interpolation(model, "nearest")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sweep: --taus official
+# ----------------------------------------------------------------------------------------------------
+
+def test_sweep_runs_the_official_mode_and_reports_the_thresholds_used(tmp_path):
+    import cv2
+    import numpy as np
+
+    from algm_viz.datasets import open_dataset
+    from algm_viz.evaluation.sweep import SweepConfig, parse_taus, sweep
+    from algm_viz.plots import row_threshold, rows_to_csv, threshold_figure
+
+    assert parse_taus("official") == ["official"]
+    assert parse_taus("0.9,official,auto,0.8") == [0.8, 0.9, "auto", "official"]
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        label = cv2.resize(rng.integers(0, 3, (4, 4)).astype(np.uint8), (80, 64), interpolation=cv2.INTER_NEAREST)
+        image = (rng.integers(0, 256, (3, 3))[label] + rng.normal(0, 8, (64, 80, 3))).clip(0, 255).astype(np.uint8)
+        for folder, array in (("images", image), ("labels", label)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            cv2.imwrite(str(tmp_path / folder / f"{i}.png"), array)
+    dataset = open_dataset("folder", tmp_path, class_names=["a", "b", "c"])
+    torch.manual_seed(0)
+    model = create_segmenter("vit_tiny_patch16_384", num_classes=3, depth=6, embed_dim=64, num_heads=2,
+                             image_size=64).eval()
+    config = SweepConfig(taus=parse_taus("0.9,official"), methods=["algm", "gbm"], warmup=0, flops_images=0,
+                         bootstrap=0)
+    rows = sweep(model, dataset, config, progress=False)
+    official = [r for r in rows if r["value"] == "official"]
+    assert [r["method"] for r in official] == ["algm", "gbm"]
+    for row in official:
+        assert row["global_threshold"] == "official"
+        used = row["thresholds_used"]["global"]
+        assert -1.0 <= used <= 1.0 and used != 0.9
+    paper = next(r for r in rows if r["method"] == "algm" and r["value"] == 0.9)
+    assert paper["thresholds_used"] == {"local": pytest.approx(0.9), "global": pytest.approx(0.9)}
+    gbm_official = official[1]
+    assert row_threshold(gbm_official) == gbm_official["thresholds_used"]["global"]
+    threshold_figure(rows)  # draws the official rows as markers, not on the τ lines
+    rows_to_csv(rows, tmp_path / "rows.csv")
+    header, *lines = (tmp_path / "rows.csv").read_text().splitlines()
+    assert "thresholds_used" in header and any("global:" in line for line in lines)

@@ -33,7 +33,7 @@ from ..datasets import IGNORE_INDEX, spread_indices
 from ..flops import count_gflops
 from ..timing import rate_summary, timed
 from .. import methods as engine_methods
-from ..patch import algm_state, find_vit, merging_restored, remove_algm
+from ..patch import ONLINE, algm_state, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
 from .inference import default_short_side, prepare
 from .metrics import confusion_matrices, miou, paired_bootstrap
@@ -111,7 +111,7 @@ class SweepConfig:
         for method in self.methods:
             if method != "baseline":
                 values = self.taus if knob(method) == "τ" else self.values.get(method, engine_methods.METHODS[method].values)
-                runs += [(method, v if v == AUTO else float(v)) for v in values]
+                runs += [(method, v if v in (AUTO, OFFICIAL) else float(v)) for v in values]
         return runs
 
 
@@ -124,14 +124,17 @@ def knob(method: str) -> str | None:
 
 #: A τ "value" meaning: the model's calibrated (local, global) pair, ``model.algm_thresholds``.
 AUTO = "auto"
+#: A τ "value" meaning: the official ALGM code's mode, GBM's online threshold (CLAP at the calibrated τ).
+OFFICIAL = ONLINE
 
 
 def parse_taus(text: str) -> list[float | str]:
     """``"start:stop:step"`` (stop included) or ``"a,b,c"`` -> sorted thresholds; an ``auto`` item
-    (alone or in the list) adds the model's calibrated τ pair, after the numbers."""
+    (alone or in the list) adds the model's calibrated τ pair, an ``official`` item the official code's
+    mode (online GBM threshold, see :func:`~algm_viz.patch.apply_algm`), after the numbers."""
     items = [item.strip() for item in text.split(",")]
-    auto = [AUTO] if AUTO in items else []
-    text = ",".join(item for item in items if item != AUTO)
+    auto = [name for name in (AUTO, OFFICIAL) if name in items]
+    text = ",".join(item for item in items if item not in (AUTO, OFFICIAL))
     if not text and auto:
         return auto
     try:
@@ -164,7 +167,8 @@ def configure_method(model: nn.Module, method: str, value: float | None, config:
     """Set ``model`` up for ``method`` at knob ``value`` (removing merging for the baseline)."""
     if method == "baseline":
         remove_algm(model)
-    elif engine_methods.METHODS[method].algm:  # placed by the sweep's layers and window; "auto": calibrated τ
+    elif engine_methods.METHODS[method].algm:  # placed by the sweep's layers and window; "auto": calibrated τ,
+        # "official": the official code's mode
         engine_methods.apply_method(model, method, None if value == AUTO else value, local_layer=config.local_layer,
                                     global_layer=config.global_layer, window=config.window)
     else:
@@ -217,6 +221,15 @@ def _token_sums(model: nn.Module, batch: int, grid_tokens: int, method: str) -> 
     return torch.tensor([patches, local, global_, final], dtype=torch.float64), per_stage
 
 
+def _threshold_sums(model: nn.Module) -> Tensor:
+    """``[S]`` the similarity thresholds the batch's images were merged with, summed, per token-reducing
+    stage (NaN for a stage no threshold decides)."""
+    state = algm_state(model)
+    stages = state.record.stages if state is not None and state.record is not None else []
+    return torch.tensor([math.nan if m.threshold is None else float(m.threshold.sum()) for _, _, m in stages],
+                        dtype=torch.float64)
+
+
 def _stage_names(model: nn.Module) -> list[dict[str, Any]]:
     """``[{"name", "layer"}]`` of the stages the last forward ran."""
     state = algm_state(model)
@@ -264,7 +277,8 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
 
     Returns ``{"confusion": [K, K] long, "image_confusions": [N, K, K] long (in data-set order), "images",
     "images_per_s", "images_per_s_spread", "gflops", "flops_images", "tokens": {stage: mean per image},
-    "stages": [{"name", "layer", "tokens"}]}``.
+    "stages": [{"name", "layer", "tokens", "threshold"}]}`` (``threshold``: the mean over images of the
+    similarity threshold a stage merged with, e.g. the official online GBM threshold; None without one).
     """
     device = context.device
     num_classes = dataset.num_classes
@@ -274,6 +288,7 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
     per_image: list[Tensor] = []
     tokens = torch.zeros(len(_STAGES), dtype=torch.float64)
     stage_tokens: Tensor | None = None
+    stage_thresholds: Tensor | None = None
     stage_names: list[dict[str, Any]] = []
     flops = torch.zeros(2, dtype=torch.float64)  # GFLOPs sum, images counted
     rates: list[float] = []
@@ -292,9 +307,10 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
         sums, per_stage = _token_sums(model, images.shape[0], grid_tokens, method)
         tokens += sums
         if stage_tokens is None:
-            stage_tokens, stage_names = per_stage, _stage_names(model)
+            stage_tokens, stage_thresholds, stage_names = per_stage, _threshold_sums(model), _stage_names(model)
         elif per_stage.shape == stage_tokens.shape:
             stage_tokens += per_stage
+            stage_thresholds += _threshold_sums(model)
         else:
             raise RuntimeError(f"{description}: the number of merge stages changed between batches")
         if flops[1] < flops_limit:
@@ -309,8 +325,10 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
     order = torch.tensor([i for ranks_indices, _ in gathered for i in ranks_indices], dtype=torch.long)
     image_confusions = torch.cat([c for _, c in gathered])[torch.argsort(order)]
     stage_tokens = stage_tokens if stage_tokens is not None else torch.zeros(0, dtype=torch.float64)
+    stage_thresholds = stage_thresholds if stage_thresholds is not None else torch.zeros(0, dtype=torch.float64)
     images_done = torch.tensor([float(len(indices))], dtype=torch.float64)
-    tokens, stage_tokens, flops, images_done = (all_reduce_sum(t, context) for t in (tokens, stage_tokens, flops, images_done))
+    tokens, stage_tokens, stage_thresholds, flops, images_done = (
+        all_reduce_sum(t, context) for t in (tokens, stage_tokens, stage_thresholds, flops, images_done))
     all_rates = [r for ranks in all_gather_objects(rates, context) for r in ranks]
     speed = rate_summary(all_rates, scale=context.world_size)
     total = max(float(images_done), 1.0)
@@ -323,7 +341,8 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
         "gflops": float(flops[0] / flops[1]) if flops[1] > 0 else math.nan,
         "flops_images": int(flops[1]),
         "tokens": {stage: (None if math.isnan(v) else float(v) / total) for stage, v in zip(_STAGES, tokens.tolist())},
-        "stages": [{**names, "tokens": float(v) / total} for names, v in zip(stage_names, stage_tokens.tolist())],
+        "stages": [{**names, "tokens": float(v) / total, "threshold": None if math.isnan(t) else t / total}
+                   for names, v, t in zip(stage_names, stage_tokens.tolist(), stage_thresholds.tolist())],
     }
 
 
@@ -344,6 +363,7 @@ def _row(method: str, value: float | str | None, result: dict[str, Any], state: 
         "flops_images": result["flops_images"],
         "tokens": result["tokens"],
         "stages": result["stages"],
+        "thresholds_used": {s["name"]: s["threshold"] for s in result["stages"] if s.get("threshold") is not None},
         "images": result["images"],
         "confusion": result["confusion"].tolist(),
     }

@@ -19,10 +19,12 @@ __all__ = [
     "merged_mask",
     "window_overlay",
     "group_overlay",
+    "mean_color_view",
     "colorize",
     "segmentation_overlay",
     "disagreement_map",
     "legend",
+    "inspector_overlay",
 ]
 
 RGB = tuple[int, int, int]
@@ -148,6 +150,32 @@ def group_overlay(
     return out
 
 
+def mean_color_view(
+    image: np.ndarray, groups: np.ndarray, patch_size: int, edge_color: RGB | None = (255, 255, 255)
+) -> np.ndarray:
+    """Tokens as superpixels: every pixel painted with the mean colour of all pixels of its token.
+
+    Args:
+        image: ``[H, W, 3]`` uint8, the model input.
+        groups: ``[gh, gw]`` token of each patch (e.g. the final groups); a token's patches need not touch,
+            so a GBM token that joined distant patches shows the same colour in each place.
+        patch_size: pixels per patch side.
+        edge_color: outline of the tokens (None: no outlines).
+    Returns:
+        ``[H, W, 3]`` uint8.
+    """
+    image = _check_image(image)
+    pixel_groups = upsample_grid(np.asarray(groups), patch_size, image.shape[:2])
+    _, index = np.unique(pixel_groups, return_inverse=True)
+    index = index.reshape(-1)
+    counts = np.bincount(index)
+    sums = np.stack([np.bincount(index, weights=image[..., c].reshape(-1), minlength=counts.size) for c in range(3)], -1)
+    out = (sums / counts[:, None]).round().astype(np.uint8)[index].reshape(image.shape)
+    if edge_color is not None:
+        out[label_edges(pixel_groups)] = edge_color
+    return out
+
+
 def colorize(labels: np.ndarray, colors: Sequence[RGB] | np.ndarray, ignore_color: RGB = (0, 0, 0)) -> np.ndarray:
     """``[H, W]`` class ids -> ``[H, W, 3]`` uint8 with ``colors[id]``; ids outside the palette get ``ignore_color``."""
     labels = np.asarray(labels).astype(np.int64)
@@ -209,4 +237,31 @@ def legend(
         out[y : y + swatch, x : x + swatch] = palette[class_id]
         cv2.putText(out, str(class_names[class_id])[:18], (x + swatch + 6, y + swatch - 3),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.42, (20, 20, 20), 1, cv2.LINE_AA)
+    return out
+
+
+def inspector_overlay(
+    image: np.ndarray,
+    window: np.ndarray,
+    group: np.ndarray,
+    patch: tuple[int, int],
+    patch_size: int,
+    group_color: RGB = (0, 200, 255),
+    window_color: RGB = (255, 210, 0),
+    patch_color: RGB = (255, 0, 40),
+    dim: float = 0.6,
+) -> np.ndarray:
+    """The token inspector's picture: the image dimmed outside the merge ``group`` (``[gh, gw]`` bool),
+    the group outlined in ``group_color``, the CLAP ``window`` (``[gh, gw]`` bool) in ``window_color``
+    and the clicked ``patch`` ``(row, col)`` in ``patch_color``. Returns ``[H, W, 3]`` uint8."""
+    image = _check_image(image)
+    shape = image.shape[:2]
+    in_group = upsample_grid(np.asarray(group, dtype=bool), patch_size, shape)
+    out = _blend(image, np.zeros_like(image), ~in_group, 1.0 - dim)
+    clicked = np.zeros(np.asarray(group).shape, dtype=bool)
+    clicked[patch] = True
+    for mask, color in ((in_group, group_color), (upsample_grid(np.asarray(window, dtype=bool), patch_size, shape), window_color),
+                        (upsample_grid(clicked, patch_size, shape), patch_color)):
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, color, 2)
     return out

@@ -88,3 +88,14 @@ def test_legend_has_a_swatch_per_class():
     assert [250, 0, 0] in flat and [0, 0, 250] in flat and [0, 250, 0] not in flat
     with pytest.raises(ValueError, match="class ids"):
         render.legend(names, colours, classes=[3])
+
+
+def test_mean_color_view_paints_each_token_its_mean_colour_even_apart():
+    image = _image()
+    groups = np.array([[0, 1, 0], [2, 3, 4]])  # token 0 holds two patches that do not touch
+    out = render.mean_color_view(image, groups, P, edge_color=None)
+    token0 = np.concatenate([image[:4, :4].reshape(-1, 3), image[:4, 8:].reshape(-1, 3)]).mean(0).round()
+    assert (out[:4, :4] == token0).all() and (out[:4, 8:] == token0).all()
+    assert (out[4:, :4] == image[4:, :4].reshape(-1, 3).mean(0).round()).all()
+    outlined = render.mean_color_view(image, groups, P, edge_color=(255, 0, 255))
+    assert (outlined[:, 3] == (255, 0, 255)).all() and (outlined[1:3, 1:3] == out[1:3, 1:3]).all()

@@ -267,3 +267,12 @@ def test_parameter_estimate_is_the_built_count(decoder):
     model = create_segmenter(**spec.create_kwargs())
     assert estimate_parameters(spec) == sum(p.numel() for p in model.parameters())
     assert estimate_activation_bytes(spec) > 4 * spec.num_classes * 64 * 96, "at least the full-resolution logits"
+
+
+def test_refused_keys_leave_no_state_behind():
+    registry = ModelRegistry(device="cpu", include_bundled=False, untrained=dict(depth=2, embed_dim=32, num_heads=2),
+                             allow_paths=False)
+    for i in range(50):
+        with pytest.raises(ValueError):
+            registry.get(f"path:/nowhere/{i}")
+    assert registry._key_locks == {} and registry.loaded() == []

@@ -208,7 +208,12 @@ class ModelRegistry:
                 if entry is not None:
                     self._entries.move_to_end(key)
                     return entry
-            entry = self._load(key)
+            try:
+                entry = self._load(key)
+            except BaseException:
+                with self._lock:  # a refused key leaves nothing behind
+                    self._key_locks.pop(key, None)
+                raise
             with self._lock:
                 self._entries[key] = entry
                 evicted = self._evict()

@@ -627,3 +627,16 @@ def test_sweep_runs_the_official_mode_and_reports_the_thresholds_used(tmp_path):
     rows_to_csv(rows, tmp_path / "rows.csv")
     header, *lines = (tmp_path / "rows.csv").read_text().splitlines()
     assert "thresholds_used" in header and any("global:" in line for line in lines)
+
+
+def test_load_segmenter_offers_the_official_interpolation(tiny_official_model):
+    from algm_viz.models import load_segmenter
+
+    official = load_segmenter(tiny_official_model, pos_embed_interpolation="bilinear")
+    default = load_segmenter(tiny_official_model)
+    assert (official.pos_embed_interpolation, default.pos_embed_interpolation) == ("bilinear", "bicubic")
+    images = mixed_images()[:1, :, :48, :80]
+    with torch.no_grad():
+        assert (official(images) - default(images)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="pos_embed_interpolation"):
+        load_segmenter(tiny_official_model, pos_embed_interpolation="area")

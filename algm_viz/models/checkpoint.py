@@ -19,7 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .segmenter import Segmenter, create_segmenter
+from .segmenter import POS_EMBED_INTERPOLATIONS, Segmenter, create_segmenter, set_pos_embed_interpolation
 from .variant import DEFAULT_LIMITS, CheckpointError, ModelLimits, NetSpec, check_budget, check_state_shapes, excerpt, read_variant
 
 __all__ = ["KNOWN_MODELS", "load_segmenter", "save_segmenter", "fetch_checkpoint", "cache_dir", "CheckpointError"]
@@ -121,14 +121,19 @@ def _official_to_local(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def load_segmenter(path_or_url: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                   limits: ModelLimits = DEFAULT_LIMITS, max_checkpoint_bytes: int | None = None) -> Segmenter:
+                   limits: ModelLimits = DEFAULT_LIMITS, max_checkpoint_bytes: int | None = None,
+                   pos_embed_interpolation: str = "bicubic") -> Segmenter:
     """Load a Segmenter from a known model name, a URL, or a local folder/``checkpoint.pth``.
 
     Nothing is allocated for the network before ``variant.yml`` passed :func:`~.variant.read_variant`,
     its dimensions ``limits`` (bounds and the parameter/activation budget) and the state dict's shapes;
     ``checkpoint.pth`` larger than ``max_checkpoint_bytes`` is refused unread. Raises
     :class:`CheckpointError` with a clear message for anything that is not such a checkpoint.
+    ``pos_embed_interpolation="bilinear"`` resizes the position embedding as the official Segmenter code
+    does (to reproduce its logits at other input sizes; see :func:`~.segmenter.set_pos_embed_interpolation`).
     """
+    if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"pos_embed_interpolation must be one of {', '.join(POS_EMBED_INTERPOLATIONS)}")
     folder = _resolve(path_or_url)
     variant = read_variant(folder / "variant.yml")
     spec = NetSpec.from_net_kwargs(variant["net_kwargs"], limits)
@@ -146,7 +151,7 @@ def load_segmenter(path_or_url: str | os.PathLike, map_location: str | torch.dev
             model.algm_thresholds = {str(k): float(v) for k, v in thresholds.items()}
         except (TypeError, ValueError):
             raise CheckpointError(f"variant.yml: algm_thresholds must map names to numbers, got {excerpt(thresholds)}") from None
-    return model.eval()
+    return set_pos_embed_interpolation(model, pos_embed_interpolation).eval()
 
 
 def save_segmenter(model: Segmenter, folder: str | os.PathLike, net_kwargs: dict[str, Any], **extra: Any) -> Path:

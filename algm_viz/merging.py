@@ -488,7 +488,8 @@ def official_global_merge(
 
     A = even, B = odd positions of ``tokens`` (so with one class token, A holds the class token and
     the odd patches); the prefix tokens take no part (the official code sets the class token's row
-    to -inf). Similarities are the official code's (``a @ b.T`` of the normalised tokens), each A token
+    to -inf). Similarities are the official code's (``a @ b.T`` of the normalised tokens, not clamped to
+    [-1, 1]: a clamp would turn fp32 near ties above 1 into exact ties broken by position), each A token
     keeps its best B (the first one on a tie, as ``max`` does), and the edges ``>=`` the threshold
     merge into their B token. With ``batch_min``, each image merges its ``r`` best edges (ranked as
     ToMe's ``argsort``), ``r`` the fewest edges any image has at or above the threshold.

@@ -341,6 +341,28 @@ def test_exact_tie_is_broken_by_the_official_order_not_raster_order():
     assert window0 | {2} in paper_groups and paper_groups != groups
 
 
+def test_near_tie_above_one_is_not_clamped_into_an_exact_tie():
+    """The other cause: fp32 cosine similarities of (near-)copies round to 1 or to 1 + 1.2e-7. The paper
+    engine clamps similarities to [-1, 1], which turns such a near tie into an exact one, broken by
+    position; the official code (and the official mode) keeps the larger value."""
+    for seed in range(300):
+        g = torch.Generator().manual_seed(seed)
+        token = torch.randn(16, generator=g)
+        near_copy = token + 1e-4 * torch.randn(16, generator=g)
+        sequence = torch.stack([torch.randn(16, generator=g), near_copy, token, token.clone()])[None]
+        unit = F.normalize(sequence, dim=-1)
+        scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # as the engine computes them
+        first, second = float(scores[0, 1, 0]), float(scores[0, 1, 1])  # A = position 2, B = 1 and 3
+        if 1.0 <= first < second:
+            break
+    else:
+        pytest.fail("no near tie above 1 found")
+    official = official_global_merge(sequence, 0.99, num_prefix=1)  # patches: 0 = near copy, 1 = A, 2 = copy
+    assert frozenset({1, 2}) in partition(official.groups[0], int(official.counts[0]))
+    clamped = bipartite_merge(sequence[:, 1:], torch.tensor([True, False, True]), threshold=0.99)
+    assert frozenset({0, 1}) in partition(clamped.groups[0], int(clamped.counts[0]))
+
+
 # ----------------------------------------------------------------------------------------------------
 # A whole Segmenter in official mode against a ToMe-style reference of the official forward
 # ----------------------------------------------------------------------------------------------------

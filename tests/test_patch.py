@@ -191,3 +191,36 @@ def test_cuda_half_precision_runs(dtype):
     with torch.no_grad():
         out = model(smooth_images(2, 96, 128).cuda().to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", ["cls", "no_cls", "registers"])
+def test_official_mode_runs_on_every_vit_variant_and_records_thresholds(variant):
+    """The official mode on timm ViTs with a class token, without one and with registers: prefix tokens
+    never merge, each image's GBM threshold is recorded, and a batch gives each image its own result."""
+    model = tiny_vit(**VIT_VARIANTS[variant])
+    images = smooth_images(2, 64, 96)
+    with torch.no_grad():
+        baseline_shape = model(images).shape
+        apply_algm(model, 1, 3, local_threshold=0.5, global_threshold="official")
+        out = model(images)
+        record = algm_state(model).record
+        thresholds = record.thresholds()
+        alone = [model(images[i : i + 1]) for i in range(2)]
+        single = [algm_state(model).record.thresholds()["global"]]
+    assert out.shape == baseline_shape and [s.mode for s in algm_state(model).stages] == ["official", "official"]
+    assert thresholds["local"].tolist() == pytest.approx([0.5, 0.5])
+    assert thresholds["global"].shape == (2,) and torch.isfinite(thresholds["global"]).all()
+    assert float(single[0][0]) == pytest.approx(float(thresholds["global"][1]), abs=1e-6)
+    torch.testing.assert_close(out, torch.cat(alone), atol=1e-4, rtol=0)
+    remove_algm(model)
+
+
+def test_paper_mode_records_its_fixed_thresholds():
+    model = tiny_segmenter()
+    apply_algm(model, local_threshold=0.7, global_threshold=0.8)
+    with torch.no_grad():
+        model(smooth_images(3, 64, 64))
+    thresholds = algm_state(model).record.thresholds()
+    assert thresholds["local"].tolist() == pytest.approx([0.7] * 3)
+    assert thresholds["global"].tolist() == pytest.approx([0.8] * 3)
+    remove_algm(model)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import cv2
 import numpy as np
@@ -22,7 +25,7 @@ from torch import nn
 from . import render
 from .datasets import IGNORE_INDEX, read_image, read_label
 from .evaluation.inference import default_short_side, predict_logits, prepare, resized_shape
-from .evaluation.sweep import SweepConfig, available_methods, parse_taus, sweep
+from .evaluation.sweep import SweepConfig, add_intervals, available_methods, knob, parse_taus, sweep
 from .methods import METHODS, apply_method
 from .models.loading import load_model
 from .patch import algm_state, merging_restored, remove_algm
@@ -59,6 +62,10 @@ def _class_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "class_names", None) or [f"class {i}" for i in range(model.num_classes)])
 
 
+def _free(done: int, total: int) -> ContextManager[None]:
+    return nullcontext()
+
+
 @torch.inference_mode()
 def compare(
     model: nn.Module,
@@ -70,19 +77,35 @@ def compare(
     values: dict[str, Sequence[float]] | None = None,
     repeats: int = 5,
     short_side: int | None = None,
+    step: Callable[[int, int], ContextManager[None]] = _free,
 ) -> list[dict[str, Any]]:
     """Sweep rows (see :mod:`algm_viz.plots`) for the baseline and every method × knob value on
-    ``image`` ``[H, W, 3]``; ``miou`` is against ``label`` (ignore = 255) or else the baseline's prediction."""
+    ``image`` ``[H, W, 3]``; ``miou`` is against ``label`` (ignore = 255) or else the baseline's prediction.
+
+    The work runs one configuration at a time, each inside ``step(done, total)`` (the label forward
+    first, then each configuration; ``total`` counts both): a context manager that may hold a lock on a
+    shared model or raise to stop the work between configurations (a time budget). One image gives no
+    bootstrap interval (``miou_ci`` None); ``delta_miou`` is against the baseline row."""
     short_side = short_side or default_short_side(model)
     config = SweepConfig(
         taus=list(taus) if taus is not None else list(METHODS["algm"].values), methods=["baseline", *methods],
-        values=dict(values or {}), short_side=short_side, warmup=1, flops_images=1,
+        values=dict(values or {}), short_side=short_side, warmup=1, flops_images=1, bootstrap=0,
     )
-    with merging_restored(model):
-        if label is None:
+    runs = config.runs()
+    total = len(runs) + (label is None)
+    if label is None:
+        with step(0, total), merging_restored(model):
             remove_algm(model)
             label = predict_logits(model, image, short_side=short_side).argmax(0).cpu().numpy().astype(np.uint8)
-        return sweep(model, OneImage(image, label, _class_names(model), repeats), config, progress=False)
+    data = OneImage(image, label, _class_names(model), repeats)
+    rows = []
+    for method, value in runs:
+        one = replace(config, methods=[method], taus=[value] if knob(method) == "τ" else config.taus,
+                      values={method: [value]} if knob(method) not in (None, "τ") else {})
+        with step(total - len(runs) + len(rows), total):
+            rows.extend(sweep(model, data, one, progress=False))
+    add_intervals(rows, [torch.tensor(row["confusion"])[None] for row in rows], config)
+    return rows
 
 
 @torch.inference_mode()
@@ -118,15 +141,28 @@ def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     return np.concatenate([bar, panel], axis=0)
 
 
-def parse_spec(text: str) -> tuple[str, float]:
-    """``"METHOD:VALUE"`` (e.g. ``"tome:8"``) -> ``(method, value)``; ``ValueError`` otherwise."""
+def parse_spec(text: Any) -> tuple[str, float]:
+    """``"METHOD:VALUE"`` (e.g. ``"tome:8"``) -> ``(method, value)``; ``ValueError`` saying what is wrong
+    otherwise (unknown method, a value that is not a finite number, or one the method refuses, e.g.
+    ``tome:inf`` or ``grid:2``), before any model work."""
+    if not isinstance(text, str):
+        raise ValueError(f"a merge map is given as METHOD:VALUE text, got {type(text).__name__} {str(text)[:40]!r}")
     method, _, value = text.strip().partition(":")
     try:
         number = float(value)
     except ValueError:
         number = float("nan")
-    if method not in METHODS or number != number:
-        raise ValueError(f"expected METHOD:VALUE with a method from {', '.join(METHODS)}, got {text!r}")
+    if method not in METHODS or not math.isfinite(number):
+        raise ValueError(f"expected METHOD:VALUE with a method from {', '.join(METHODS)} and a finite number, "
+                         f"got {text[:40]!r}")
+    spec = METHODS[method]
+    if not spec.algm:
+        if spec.knob in ("r", "k") and not float(number).is_integer():
+            raise ValueError(f"{method}'s {spec.knob} is a whole number, got {number:g}")
+        try:
+            spec.build(number, 1)  # the stages check their own values
+        except (ValueError, TypeError, OverflowError) as error:
+            raise ValueError(f"{method}:{number:g} is not a valid setting: {error}") from None
     return method, number
 
 

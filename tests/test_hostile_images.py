@@ -217,3 +217,221 @@ def test_sigterm_removes_the_servers_temp_folders(tmp_path):
             server.kill()
     left = [p.name for p in [*tmp_path.glob("algm_viz_*"), *(tmp_path / "gradio").glob("algm_viz_*")]]
     assert not left, left
+
+
+# --- long requests: time budget, disconnects, priority; input validation ------------------------------------
+
+import threading  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from algm_viz.app.longjobs import Budget, PriorityGate, WorkStopped  # noqa: E402
+from algm_viz.app.ui import Handlers  # noqa: E402
+from algm_viz.compare_cli import compare, parse_spec  # noqa: E402
+from algm_viz.methods import METHODS  # noqa: E402
+from test_app_session import scene, tiny_registry, write  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self, step_s: float) -> None:
+        self.now, self.step_s = 0.0, step_s
+
+    def __call__(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+def test_budget_stops_when_spent_or_when_the_client_has_gone():
+    budget = Budget(10.0, clock=FakeClock(6.0))  # starts at 6; checks at 12 (6 s spent), 18 (12 s)
+    budget.check(0, 5)
+    with pytest.raises(WorkStopped, match=r"stopped after 1 of 5 configurations: .*time budget of 10 s"):
+        budget.check(1, 5)
+    gone = Budget(10.0, gone=lambda: True)
+    with pytest.raises(WorkStopped, match="client disconnected"):
+        gone.check(0, 5)
+
+
+def test_compare_stops_between_configurations():
+    model = tiny_registry().get("untrained").model
+    seen = []
+
+    def step(done, total):
+        seen.append((done, total))
+        if done == 3:
+            raise WorkStopped("stop")
+        return threading.Lock()
+
+    with pytest.raises(WorkStopped):
+        compare(model, scene(), ["algm", "tome"], taus=[0.8, 0.9], values={"tome": [2, 4]}, repeats=1, step=step)
+    assert seen == [(0, 6), (1, 6), (2, 6), (3, 6)], "label forward, baseline, two configurations, then stop"
+
+
+def test_handler_compare_answers_a_spent_budget_clearly(tmp_path, monkeypatch):
+    handlers = Handlers(tiny_registry())
+    clock = FakeClock(4.0)  # starts at 4; the third check (at 16) has spent 12 s of 10
+    monkeypatch.setattr(handlers, "budget", lambda request=None: Budget(10.0, clock=clock))
+    image = write(tmp_path, "scene.png", scene())
+    with pytest.raises(gr.Error, match=r"stopped after 2 of \d+ configurations: this request's time budget"):
+        handlers.compare("untrained", image, None, ["algm", "tome"], "algm:0.9", "tome:2")
+
+
+def test_background_steps_wait_for_interactive_requests():
+    gate, lock, order = PriorityGate(), threading.Lock(), []
+    entered, release = threading.Event(), threading.Event()
+
+    def interactive():
+        with gate.interactive():
+            entered.set()
+            release.wait(5)
+            order.append("interactive")
+
+    def background():
+        with gate.background(lock, poll_s=0.01):
+            order.append("background")
+
+    first = threading.Thread(target=interactive)
+    first.start()
+    entered.wait(5)
+    second = threading.Thread(target=background)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and order == [], "a long job's step must wait while an interactive request runs"
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert order == ["interactive", "background"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tome:inf", "finite number"), ("tome:2.5", "whole number"), ("grid:2", "ratio in"), ("pool2d:0", "positive"),
+    (None, "METHOD:VALUE text"), (7, "METHOD:VALUE text"), ("magic:1", "METHOD:VALUE"),
+])
+def test_merge_map_specs_are_validated_before_any_work(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+def test_compare_refuses_bad_inputs_before_reading_the_image(tmp_path, monkeypatch):
+    handlers = Handlers(tiny_registry())
+    monkeypatch.setattr(handlers, "_session", lambda *a: pytest.fail("no work before validation"))
+    image = write(tmp_path, "scene.png", scene())
+    for methods, spec, message in ((["algm"], "tome:inf", "finite"), (["zzz"], "algm:0.9", "unknown methods"),
+                                   ("algm", "algm:0.9", "at least one method")):
+        with pytest.raises(gr.Error, match=message):
+            handlers.compare("untrained", image, None, methods, spec, "tome:8")
+
+
+def test_palette_and_gray_label_maps_give_the_same_miou_in_the_app(tmp_path):
+    handlers = Handlers(tiny_registry())
+    image = write(tmp_path, "scene.png", scene())
+    ids = (np.arange(60 * 90).reshape(60, 90) // 700 % 5).astype(np.uint8)
+    PIL.Image.fromarray(ids).save(tmp_path / "gray.png")
+    palette = PIL.Image.fromarray(ids).convert("P")
+    palette.putpalette([v for i in range(256) for v in ((60 * i) % 256, (150 * i) % 256, (90 * i + 30) % 256)])
+    palette.save(tmp_path / "palette.png")
+    readouts = [handlers.analyze("untrained", image, str(tmp_path / name), 0.8, 0.8, 2, 5)[6] for name in ("gray.png", "palette.png")]
+    assert readouts[0]["miou"] == readouts[1]["miou"] and readouts[0]["miou"]["baseline"] is not None
+    assert readouts[0]["label_note"] is None
+
+
+def test_out_of_range_and_16bit_labels_are_reported_in_the_app(tmp_path):
+    handlers = Handlers(tiny_registry())
+    image = write(tmp_path, "scene.png", scene())
+    label = np.full((60, 90), 1, np.uint16)
+    label[:, :30] = 4000
+    cv2.imwrite(str(tmp_path / "l16.png"), label)
+    readout = handlers.analyze("untrained", image, str(tmp_path / "l16.png"), 0.8, 0.8, 2, 5)
+    assert "33.3 %" in readout[6]["label_note"] and "16-bit" in readout[6]["label_note"]
+    assert "outside the model's classes" in readout[5]
+    cv2.imwrite(str(tmp_path / "scaled.png"), (label * 0 + 2) * 257)
+    with pytest.raises(gr.Error, match="no pixel with a class id"):
+        handlers.analyze("untrained", image, str(tmp_path / "scaled.png"), 0.8, 0.8, 2, 5)
+
+
+def test_exif_rotated_upload_is_analysed_upright(tmp_path):
+    handlers = Handlers(tiny_registry())
+    path = tmp_path / "portrait.jpg"
+    rotated_jpeg(path)
+    width, height = handlers.analyze("untrained", str(path), None, 0.8, 0.8, 2, 5)[6]["image_size"]
+    assert height > width, "a portrait photo stays a portrait"
+
+
+# --- through a real server on 127.0.0.1 --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory):
+    httpx = pytest.importorskip("httpx")
+    import socket
+
+    from algm_viz.app.session import SessionCache
+    from algm_viz.app.ui import build_demo
+
+    handlers = Handlers(tiny_registry(), SessionCache(max_side=128), thresholds=(0.7, 1.0), with_gflops=False)
+    demo = build_demo(handlers).queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/gradio_api/"
+    path = write(tmp_path_factory.mktemp("hostile"), "scene.png", scene())
+    with open(path, "rb") as handle:
+        uploaded = httpx.post(f"{url}upload", files={"files": handle}).json()[0]
+    yield httpx, url, handlers, {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+    demo.close()
+
+
+def _raw_call(httpx, url: str, name: str, data: list) -> str:
+    event = httpx.post(f"{url}call/{name}", json={"data": data}).json()
+    return httpx.get(f"{url}call/{name}/{event['event_id']}", timeout=60).text
+
+
+@pytest.mark.parametrize("index, value, message", [
+    (3, "abc", "τ local (CLAP) must be a number, got 'abc'"), (4, None, "τ global (GBM) must be a number, got None"),
+    (6, "abc", "GBM layer must be a number"), (1, 5, "the image must be an uploaded file, got 5"),
+    (2, "x", "the label map must be an uploaded file"), (7, "yes", "prop_attn must be true or false"),
+])
+def test_wrong_api_types_get_a_message_naming_the_input(api_server, index, value, message):
+    httpx, url, _, image = api_server
+    data = ["untrained", image, None, 0.9, 0.9, 2, 5, False]
+    data[index] = value
+    stream = _raw_call(httpx, url, "analyze", data)
+    assert "event: error" in stream and json.dumps(message)[1:-1] in stream, stream[:300]
+
+
+def test_a_disconnected_compare_stops_within_a_configuration(api_server):
+    httpx, url, handlers, image = api_server
+    steps, stops, original = [], [], handlers.budget
+
+    def slow_budget(request=None):
+        budget = original(request)
+        check = budget.check
+
+        def recorded(done, total):
+            steps.append(done)
+            time.sleep(0.2)  # every configuration takes at least this long
+            try:
+                check(done, total)
+            except WorkStopped as error:
+                stops.append(str(error))
+                raise
+
+        budget.check = recorded
+        return budget
+
+    handlers.budget = slow_budget
+    try:
+        methods = ["algm", "tome", "pool2d", "grid", "kv_grid", "cts"]
+        event = httpx.post(f"{url}call/compare", json={"data": ["untrained", image, None, methods, "algm:0.9", "tome:2"]}).json()
+        with httpx.stream("GET", f"{url}call/compare/{event['event_id']}", timeout=60):
+            deadline = time.monotonic() + 60
+            while len(steps) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            at_close = len(steps)
+        deadline = time.monotonic() + 30
+        while not stops and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        handlers.budget = original
+    assert stops and "client disconnected" in stops[0], (steps, stops)
+    total = 2 + sum(len(METHODS[m].values) for m in methods)
+    assert len(steps) <= at_close + 2 < total, (at_close, steps)

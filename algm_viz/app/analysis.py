@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -112,12 +112,13 @@ def readout_markdown(readout: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
-def curve(session: ImageSession, settings: Settings,
-          thresholds: Sequence[float] = CURVE_THRESHOLDS) -> tuple[go.Figure, list[dict[str, Any]]]:
+def curve(session: ImageSession, settings: Settings, thresholds: Sequence[float] = CURVE_THRESHOLDS,
+          check: Callable[[int, int], None] | None = None) -> tuple[go.Figure, list[dict[str, Any]]]:
     """Per-image agreement mIoU, throughput and GFLOPs against τ (window and layer of ``settings``),
-    with ``settings``' local τ marked. Returns the figure and its rows."""
+    with ``settings``' local τ marked. Returns the figure and its rows. ``check(done, total)`` runs
+    between the curve's forwards and may raise to stop (see :meth:`ImageSession.curve_rows`)."""
     settings = settings.validated(session.entry.depth)
-    rows = session.curve_rows(thresholds, settings.window, settings.global_layer, settings.prop_attn)
+    rows = session.curve_rows(thresholds, settings.window, settings.global_layer, settings.prop_attn, check)
     figure = threshold_figure(rows, current=settings.local_threshold, quality_label="agreement mIoU (%)")
     figure.add_trace(go.Scatter(x=[r["local_threshold"] for r in rows[1:]], y=[r["gflops"] for r in rows[1:]],
                                 mode="lines+markers", name="algm GFLOPs", line={"color": "#2ca02c", "dash": "dot"},

@@ -22,12 +22,13 @@ def read_image_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarra
 
 
 def read_label_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An uploaded label map (class id per pixel: gray, palette or 16-bit PNG) -> ``[H, W]`` int64.
+    """An uploaded label map (class id per pixel: gray, palette or 16-bit PNG) -> ``[H, W]`` class ids as
+    stored (uint8 or uint16; :func:`algm_viz.preprocess.check_label` then reports values outside the model).
 
     Raises :class:`ImageError` as :func:`algm_viz.preprocess.read_label` does (the pixel limit is
     checked from the header, before decoding).
     """
-    return read_label(path, max_pixels).astype(np.int64)
+    return read_label(path, max_pixels)
 
 
 def resize_for_model(image: np.ndarray, short_side: int, max_side: int, min_side: int) -> np.ndarray:

@@ -266,15 +266,18 @@ class ImageSession:
         return _miou(prediction, self.label, self.entry.model.num_classes)[0]
 
     def curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
-                   prop_attn: bool = False) -> list[dict[str, Any]]:
+                   prop_attn: bool = False, check: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
         """One row per τ (the same τ for both stages), in the schema of the evaluation command (method
         ``algm``, or ``algm_prop`` with ``prop_attn``), with ``miou`` = agreement with the baseline (%) and
-        throughput from this image's latency. Cached: a τ release re-plots the same rows with a new marker."""
+        throughput from this image's latency. Cached: a τ release re-plots the same rows with a new marker.
+        ``check(done, total)`` runs before each τ and may raise to stop (a time budget); nothing is cached then."""
         key = (tuple(float(t) for t in thresholds), window, global_layer, prop_attn)
-        return self._curves.get(key, lambda: self._curve_rows(thresholds, window, global_layer, prop_attn))
+        return self._curves.get(key, lambda: self._curve_rows(thresholds, window, global_layer, prop_attn,
+                                                              check or (lambda done, total: None)))
 
     def _curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
-                    prop_attn: bool) -> list[dict[str, Any]]:
+                    prop_attn: bool, check: Callable[[int, int], None]) -> list[dict[str, Any]]:
+        check(0, len(thresholds) + 1)
         baseline = self.baseline()
         rows = [{
             "method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 100.0,
@@ -282,7 +285,8 @@ class ImageSession:
             "images_per_s_spread": None, "gflops": self.gflops(None),
             "tokens": dict.fromkeys(("patches", "local", "global"), self.num_patches),
         }]
-        for tau in thresholds:
+        for done, tau in enumerate(thresholds, 1):
+            check(done, len(thresholds) + 1)
             settings = Settings(tau, tau, window, global_layer, prop_attn=prop_attn)
             result = self.algm(settings)
             miou, per_class = self.agreement(result.prediction)

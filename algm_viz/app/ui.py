@@ -1,8 +1,10 @@
 """The Gradio Blocks: layout, event wiring and the named API endpoints.
 
 Endpoints (``gradio_client``): ``/select_model``, ``/load_checkpoint``, ``/analyze``, ``/curve``,
-``/balance``, ``/export``, ``/compare``. Model work runs in one concurrency group (``"gpu"``) and, on a ZeroGPU
-Space, under ``spaces.GPU``. Bad input raises ``gr.Error`` with the reason; the server keeps serving.
+``/balance``, ``/export``, ``/compare``. Model work runs in one concurrency group (``"gpu"``), comparisons in
+their own (``"long"``: one configuration at a time, after any waiting interactive request) and, on a ZeroGPU
+Space, under ``spaces.GPU``. Bad input raises ``gr.Error`` with the reason (wrongly typed API values too:
+:mod:`.components`); the server keeps serving.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from ..models import CheckpointError
 from ..plots import pareto_figure, rows_to_csv
 from ..preprocess import MAX_PIXELS, ImageError
 from . import analysis
+from .components import LabelFile, MethodChoices, NumberSlider, checked_payload
 from .files import PictureFiles, TempFolders, make_temp_dir, remove_stale, upload_root
+from .longjobs import Budget, PriorityGate, WorkStopped, client_gone
 from .gpu import forward_budget, gpu, image_pixels
 from .models import ModelEntry, ModelRegistry
 from .inputs import read_image_file, read_label_file
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 PANEL_HEIGHT = 380  # px, the four image panels
-_USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImageError)
+_USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImageError, WorkStopped)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -60,6 +64,10 @@ class ImageInput(gr.Image):
     Use it with ``type="filepath", image_mode=None`` so the file reaches the app unchanged (16-bit, RGBA, ...)."""
 
     is_template = True  # rendered by the frontend's Image component (props come from gr.Image's signature)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_model = checked_payload(self.data_model, "the image")  # a clear message for a non-file payload
 
     def preprocess(self, payload: Any) -> str | None:
         try:
@@ -92,11 +100,20 @@ class Handlers:
         sessions: the per-image cache.
         thresholds: τ of the per-image curve.
         with_gflops: count GFLOPs for each setting (one extra forward per new setting).
+        long_budget_s: wall-time budget of one long request (compare, τ curve, export); it stops between
+            configurations when spent, or as soon as its client has gone (see :mod:`.longjobs`).
+
+    Interactive requests (analyze, curve, balance, export) go before the steps of a comparison
+    (:class:`~.longjobs.PriorityGate`), which holds the model for one configuration at a time.
     """
 
     def __init__(self, registry: ModelRegistry, sessions: SessionCache | None = None,
-                 thresholds: Sequence[float] = analysis.CURVE_THRESHOLDS, with_gflops: bool = True) -> None:
+                 thresholds: Sequence[float] = analysis.CURVE_THRESHOLDS, with_gflops: bool = True,
+                 long_budget_s: float = 180.0) -> None:
         self.registry = registry
+        self.long_budget_s = long_budget_s
+        self.gate = PriorityGate()
+        self.blocks: gr.Blocks | None = None  # set by build_demo: disconnects are read from its queue
         self.sessions = sessions or SessionCache()
         self.thresholds = tuple(thresholds)
         self.with_gflops = with_gflops
@@ -173,27 +190,34 @@ class Handlers:
     def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int, prop_attn: bool) -> Settings:
         return Settings(local_tau, global_tau, window, global_layer, prop_attn=prop_attn)
 
+    def budget(self, request: gr.Request | None = None) -> Budget:
+        """The time budget of one long request, stopping early when its client leaves."""
+        return Budget(self.long_budget_s, client_gone(self.blocks, getattr(request, "session_hash", None)))
+
     @user_errors
     def analyze(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
                 window: int, global_layer: int, prop_attn: bool = False):
         """-> (CLAP overlay, GBM overlay, (baseline, ALGM) segmentation, disagreement, legend, readout Markdown, readout dict)."""
         if not image:
             return None, None, None, None, None, "Upload an image or pick an example.", None
-        session = self._session(model, image, label)
-        result = analysis.analyze(session, self.settings(local_tau, global_tau, window, global_layer, prop_attn), self.with_gflops)
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
+        with self.gate.interactive():
+            session = self._session(model, image, label)
+            result = analysis.analyze(session, settings, self.with_gflops)
         save = self.pictures.save
         return (save(result.local_overlay), save(result.global_overlay), (save(result.baseline_overlay), save(result.algm_overlay)),
                 save(result.disagreement), save(result.legend), analysis.readout_markdown(result.readout), result.readout)
 
     @user_errors
     def curve(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-              window: int, global_layer: int, prop_attn: bool = False):
+              window: int, global_layer: int, prop_attn: bool = False, request: gr.Request | None = None):
         """-> (per-image τ curve figure, dataset curve figure or None)."""
         if not image:
             return None, None
-        session = self._session(model, image, label)
         settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
-        figure, _ = analysis.curve(session, settings, self.thresholds)
+        with self.gate.interactive():
+            session = self._session(model, image, label)
+            figure, _ = analysis.curve(session, settings, self.thresholds, self.budget(request).check)
         return figure, analysis.dataset_curve(session.entry.sweep_rows, float(local_tau))
 
     @user_errors
@@ -202,25 +226,41 @@ class Handlers:
         """-> (attention-balance figure, one-line summary)."""
         if not image:
             return None, ""
-        session = self._session(model, image, label)
-        figure, summary, _ = analysis.balance(session, self.settings(local_tau, global_tau, window, global_layer, prop_attn))
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
+        with self.gate.interactive():
+            session = self._session(model, image, label)
+            figure, summary, _ = analysis.balance(session, settings)
         return figure, summary
 
     @user_errors
-    def compare(self, model: str, image: str | None, label: str | None, methods: Sequence[str], map_a: str, map_b: str):
+    def compare(self, model: str, image: str | None, label: str | None, methods: Sequence[str], map_a: str, map_b: str,
+                request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
         """-> (quality vs GFLOPs figure, quality vs throughput figure, merge maps of two methods side by side).
 
-        Every method in ``methods`` over its own knob values (issue 6's comparison) on this image."""
+        Every method in ``methods`` over its own knob values (issue 6's comparison) on this image. Every
+        input is checked before any work; the work then runs one configuration at a time, after any
+        waiting interactive request, and stops when the time budget is spent or the client has gone."""
         if not image:
             raise gr.Error("upload an image (or pick an example) first")
-        if not methods:
+        if not isinstance(methods, (list, tuple)) or not methods:
             raise gr.Error("pick at least one method to compare")
+        unknown = [m for m in methods if not isinstance(m, str) or m not in METHODS]
+        if unknown:
+            raise gr.Error(f"unknown methods {str(unknown)[:80]}: choose from {', '.join(METHODS)}")
         specs = [parse_spec(map_a), parse_spec(map_b)]
+        budget = self.budget(request)
         session = self._session(model, image, label)
+        entry = session.entry
         reference = None if session.label is None else session.label.astype(np.uint8)
-        with session.entry.lock:
-            rows = compare_methods(session.entry.model, session.image, list(methods), label=reference, repeats=2)
-            maps = merge_maps(session.entry.model, session.image, specs)
+
+        def step(done: int, total: int):
+            budget.check(done, total)
+            progress((done, total), desc="configurations")  # also lets Gradio notice a closed connection
+            return self.gate.background(entry.lock, lambda: budget.check(done, total))
+
+        rows = compare_methods(entry.model, session.image, list(methods), label=reference, repeats=2, step=step)
+        with step(len(rows), len(rows) + 1):
+            maps = merge_maps(entry.model, session.image, specs)
         quality = "agreement mIoU with the baseline (%)" if reference is None else "mIoU (%)"
         figures = [pareto_figure(rows, "gflops"), pareto_figure(rows, "images_per_s")]
         for figure in figures:
@@ -229,15 +269,16 @@ class Handlers:
 
     @user_errors
     def export(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-               window: int, global_layer: int, prop_attn: bool = False) -> list[str]:
+               window: int, global_layer: int, prop_attn: bool = False, request: gr.Request | None = None) -> list[str]:
         """Write the figures' data: readout JSON, per-image curve CSV + JSON, attention balance JSON."""
         if not image:
             raise gr.Error("nothing to export yet: upload an image first")
-        session = self._session(model, image, label)
         settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
-        readout = analysis.analyze(session, settings, self.with_gflops).readout
-        _, rows = analysis.curve(session, settings, self.thresholds)
-        _, _, stats = analysis.balance(session, settings)
+        with self.gate.interactive():
+            session = self._session(model, image, label)
+            readout = analysis.analyze(session, settings, self.with_gflops).readout
+            _, rows = analysis.curve(session, settings, self.thresholds, self.budget(request).check)
+            _, _, stats = analysis.balance(session, settings)
         folder = self.exports.new()
         (folder / "readout.json").write_text(json.dumps(readout, indent=2))
         (folder / "tau_curve.json").write_text(json.dumps(rows, indent=2))
@@ -293,20 +334,20 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                label=f"Image (resized to the model's short side; long side ≤ {handlers.sessions.max_side}px)",
                                elem_id="input-image")
             with gr.Column():
-                label = gr.File(label="Optional label map (PNG of class ids) for real mIoU", type="filepath",
+                label = LabelFile(label="Optional label map (PNG of class ids) for real mIoU", type="filepath",
                                 file_types=["image"])
                 examples = _examples()
                 if examples:
                     gr.Examples(examples=examples, inputs=[image], label="Examples (public domain)")
         with gr.Row():
-            local_tau = gr.Slider(min(0.5, auto["local"]), 1.0, value=auto["local"], step=0.005, label="τ local (CLAP)",
+            local_tau = NumberSlider(min(0.5, auto["local"]), 1.0, value=auto["local"], step=0.005, label="τ local (CLAP)",
                                   elem_id="tau-local")
-            global_tau = gr.Slider(min(0.5, auto["global"]), 1.0, value=auto["global"], step=0.005, label="τ global (GBM)",
+            global_tau = NumberSlider(min(0.5, auto["global"]), 1.0, value=auto["global"], step=0.005, label="τ global (GBM)",
                                    elem_id="tau-global")
             auto_button = gr.Button("τ = auto (μ+σ)", scale=0)
         with gr.Row():
             window = gr.Radio(entry.windows(), value=min(2, entry.windows()[-1]), label="CLAP window k×k (1 = no local merging)")
-            global_layer = gr.Slider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
+            global_layer = NumberSlider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
             prop_attn = gr.Checkbox(False, label="Proportional attention", elem_id="prop-attn",
                                     info="a merged token weighs in attention as the patches it holds (ToMe); "
                                          "off = the paper's code")
@@ -331,7 +372,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
             gr.Markdown("Each method over its own knob (τ, r, k, ratio, budget, keep); quality is the agreement with the "
                         "baseline prediction (or the mIoU with a label map). CTS-style sharing uses a training-free "
                         "stand-in policy (superpatch colour homogeneity), not CTS's trained CNN.")
-            compare_methods_box = gr.CheckboxGroup([(METHODS[m].label, m) for m in METHODS],
+            compare_methods_box = MethodChoices([(METHODS[m].label, m) for m in METHODS],
                                                    value=["algm", "tome", "pool2d", "grid", "kv_grid", "cts"],
                                                    label="Methods")
             with gr.Row():
@@ -370,6 +411,9 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                 [model], [local_tau, global_tau], api_visibility="private")
               .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
         export_button.click(on_gpu["export"](handlers.export), inputs, [export_files], api_name="export", **work)
+        # its own queue: a comparison runs beside the interactive requests, which go first (PriorityGate)
         compare_button.click(on_gpu["compare"](handlers.compare), [model, image, label, compare_methods_box, map_a, map_b],
-                             [pareto_gflops, pareto_speed, compare_maps], api_name="compare", **work)
+                             [pareto_gflops, pareto_speed, compare_maps], api_name="compare",
+                             concurrency_id="long", concurrency_limit=1)
+    handlers.blocks = demo
     return demo

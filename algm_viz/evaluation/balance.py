@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..capture import ATTENTION_INPUT, block_tokens
 from ..datasets import IGNORE_INDEX
 from ..patch import ALGMConfig, algm_state, find_vit
 from .inference import merging_disabled
@@ -61,22 +62,13 @@ def _run(model: nn.Module, images: Tensor, patch_counts: Tensor, layers: Sequenc
     prefix = getattr(vit, "num_prefix_tokens", 1)
     masses: dict[int, Tensor] = {}
 
-    def hook_for(layer: int):
-        def hook(module: nn.Module, args: tuple, normed: Tensor) -> None:
-            state = algm_state(model)
-            bias = state.attn_bias if state is not None else None  # what the block adds to its attention
-            masses[layer] = _key_mass(vit.blocks[layer - 1].attn, normed, bias)
-        return hook
+    def observe(layer: int, normed: Tensor) -> None:
+        state = algm_state(model)
+        bias = state.attn_bias if state is not None else None  # what the block adds to its attention
+        masses[layer] = _key_mass(vit.blocks[layer - 1].attn, normed, bias)
 
-    # norm1's output is the attention input; hooking it also works where a block calls its attention
-    # through another path than ``attn.forward``.
-    handles = [vit.blocks[layer - 1].norm1.register_forward_hook(hook_for(layer)) for layer in layers]
-    try:
-        with torch.inference_mode():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with block_tokens(vit, layers, observe, ATTENTION_INPUT), torch.inference_mode():
+        model(images)
     state = algm_state(model)
     record = state.record if state is not None else None
     batch = images.shape[0]

@@ -20,6 +20,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..capture import block_tokens
 from ..merging import window_index, window_similarity
 from ..models.variant import MAX_VARIANT_BYTES, read_variant
 from ..patch import find_vit
@@ -108,30 +109,23 @@ def calibrate(
     window_stats = SimilarityStats()
     grid: list[tuple[int, int]] = []
 
-    def hook_for(layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            tokens = args[0][:, prefix:]
-            stats[layer].add(*pair_sums(tokens))
-            if layer == layers[0]:
-                height, width = grid[0]
-                if height * width != tokens.shape[1]:
-                    raise ValueError(f"{tokens.shape[1]} tokens do not fill a {height}×{width} patch grid")
-                mu = window_similarity(tokens, window_index((height, width), (kh, kw), tokens.device)).double()
-                window_stats.add(mu.numel(), float(mu.sum()), float(mu.pow(2).sum()))
-        return hook
+    def observe(layer: int, tokens: Tensor) -> None:
+        tokens = tokens[:, prefix:]
+        stats[layer].add(*pair_sums(tokens))
+        if layer == layers[0]:
+            height, width = grid[0]
+            if height * width != tokens.shape[1]:
+                raise ValueError(f"{tokens.shape[1]} tokens do not fill a {height}×{width} patch grid")
+            mu = window_similarity(tokens, window_index((height, width), (kh, kw), tokens.device)).double()
+            window_stats.add(mu.numel(), float(mu.sum()), float(mu.pow(2).sum()))
 
-    handles = [vit.blocks[layer - 1].norm2.register_forward_pre_hook(hook_for(layer)) for layer in stats]
     count = 0
-    try:
-        with merging_disabled(model), torch.inference_mode():
-            for item in tqdm(images, total=total, desc="calibrate", disable=not progress):
-                batch = _as_batch(model, item, short_side, device)
-                grid[:] = [(-(-batch.shape[-2] // patch), -(-batch.shape[-1] // patch))]
-                model(batch)
-                count += batch.shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
+    with block_tokens(vit, stats, observe), merging_disabled(model), torch.inference_mode():
+        for item in tqdm(images, total=total, desc="calibrate", disable=not progress):
+            batch = _as_batch(model, item, short_side, device)
+            grid[:] = [(-(-batch.shape[-2] // patch), -(-batch.shape[-1] // patch))]
+            model(batch)
+            count += batch.shape[0]
     if count == 0:
         raise ValueError("no images to calibrate on")
     per_layer = {str(layer): s.result() for layer, s in stats.items()}

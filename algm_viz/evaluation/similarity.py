@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..capture import block_tokens
 from ..datasets import IGNORE_INDEX
 from ..merging import window_index
 from ..patch import find_vit
@@ -102,35 +103,27 @@ def similarity_analysis(
     per_layer = {layer: torch.zeros(4, dtype=torch.float64) for layer in layers}
     current: dict[str, Any] = {}
 
-    def hook_for(layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            tokens, classes = args[0][:, prefix:], current["classes"]
-            if layer in per_layer:
-                per_layer[layer] += global_pair_sums(tokens, classes, num_classes)
-            if layer == local_layer:
-                for k in window_sizes:
-                    local[k] += window_pair_sums(tokens, classes, current["grid"], k)
-        return hook
+    def observe(layer: int, tokens: Tensor) -> None:
+        tokens, classes = tokens[:, prefix:], current["classes"]
+        if layer in per_layer:
+            per_layer[layer] += global_pair_sums(tokens, classes, num_classes)
+        if layer == local_layer:
+            for k in window_sizes:
+                local[k] += window_pair_sums(tokens, classes, current["grid"], k)
 
-    hooked = sorted({*layers, local_layer})
-    handles = [vit.blocks[layer - 1].norm2.register_forward_pre_hook(hook_for(layer)) for layer in hooked]
     count = 0
-    try:
-        with merging_disabled(model):
-            for image, label in tqdm(samples, total=total, desc="analyze", disable=not progress or None):
-                if label is None:
-                    raise ValueError("similarity analysis needs label maps")
-                x = prepare(model, image, short_side, device)
-                height, width = x.shape[-2:]
-                label = cv2.resize(np.asarray(label, dtype=np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-                labels = torch.from_numpy(label).long().to(x.device)[None]
-                current["classes"] = token_classes(patch_class_counts(labels, patch, num_classes, ignore_index))
-                current["grid"] = (-(-height // patch), -(-width // patch))
-                model(x)
-                count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
+    with block_tokens(vit, sorted({*layers, local_layer}), observe), merging_disabled(model):
+        for image, label in tqdm(samples, total=total, desc="analyze", disable=not progress or None):
+            if label is None:
+                raise ValueError("similarity analysis needs label maps")
+            x = prepare(model, image, short_side, device)
+            height, width = x.shape[-2:]
+            label = cv2.resize(np.asarray(label, dtype=np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+            labels = torch.from_numpy(label).long().to(x.device)[None]
+            current["classes"] = token_classes(patch_class_counts(labels, patch, num_classes, ignore_index))
+            current["grid"] = (-(-height // patch), -(-width // patch))
+            model(x)
+            count += 1
     if count == 0:
         raise ValueError("no samples to analyse")
     return {

@@ -20,7 +20,7 @@ from algm_viz.app import analysis
 from algm_viz.app.gpu import gpu
 from algm_viz.app.inputs import read_image_file, resize_for_model
 from algm_viz.app.models import ModelRegistry
-from algm_viz.app.session import ImageSession, SessionCache, Settings
+from algm_viz.app.session import LATENCY_ROUNDS, ImageSession, SessionCache, Settings
 from algm_viz.app.ui import Handlers
 from algm_viz.models import KNOWN_MODELS, create_segmenter, save_segmenter
 from algm_viz.models.bundled import save_bundled
@@ -104,9 +104,29 @@ def test_baseline_runs_once_and_tau_reruns_only_algm(registry, monkeypatch):
     original = entry.model.forward
     monkeypatch.setattr(entry.model, "forward", lambda images: calls.append(1) or original(images))
     session = ImageSession(entry, scene())
-    for tau in (0.7, 0.8, 0.7):
-        analysis.analyze(session, Settings(tau, tau), with_gflops=False)
-    assert len(calls) == 1 + 2, "one baseline forward, one ALGM forward per new τ, none for a repeated τ"
+    readouts = [analysis.analyze(session, Settings(tau, tau), with_gflops=False).readout for tau in (0.7, 0.8, 0.7)]
+    timing = 2 * LATENCY_ROUNDS  # per new τ: baseline and ALGM in interleaved rounds, as bench times them
+    assert len(calls) == 1 + 2 * (1 + timing), "one baseline forward, one ALGM forward and its timing per new τ, " \
+                                               "none for a repeated τ"
+    assert readouts[2] == readouts[0]
+    latency = readouts[1]["latency_ms"]
+    assert readouts[1]["timing"] == {"rounds": LATENCY_ROUNDS, "interleaved": True, "how": readouts[1]["timing"]["how"]}
+    assert all(t["p25"] <= t["median"] <= t["p75"] for t in latency.values())
+    assert readouts[1]["speedup"] == pytest.approx(latency["baseline"]["median"] / latency["algm"]["median"])
+    assert f"median and quartiles of {LATENCY_ROUNDS} rounds" in analysis.readout_markdown(readouts[1])
+
+
+def test_latency_interleaves_baseline_and_setting(registry, monkeypatch):
+    entry = registry.get("untrained")
+    session = ImageSession(entry, scene())
+    order = []
+    original = entry.model.forward
+    monkeypatch.setattr(entry.model, "forward",
+                        lambda images: order.append(algm_state(entry.model) is not None) or original(images))
+    latency = session.latency(Settings(0.8, 0.8), rounds=3)
+    assert order == [False, True] * 3, "baseline, then the setting, in every round"
+    assert latency.baseline.repeats == latency.algm.repeats == 3
+    assert session.latency(Settings(0.8, 0.8), rounds=3) is latency and len(order) == 6, "cached per setting"
 
 
 def test_curve_rows_are_computed_once_per_curve(registry, monkeypatch):
@@ -262,8 +282,25 @@ def test_select_model_sets_auto_tau_and_offline_downloads_fail_clearly(handlers,
     assert "untrained" in status and dataset.visible is False
     monkeypatch.setenv("ALGM_VIZ_CACHE", str(tmp_path))
     monkeypatch.setitem(KNOWN_MODELS, "seg_tiny_mask", {**KNOWN_MODELS["seg_tiny_mask"], "url": "http://127.0.0.1:9/seg_tiny_mask"})
-    with pytest.raises(gr.Error, match="could not download"):
+    with pytest.raises(gr.Error, match="could not download") as refused:
         handlers.select_model("official:seg_tiny_mask")
+    message = refused.value.message
+    assert message.startswith("offline: cannot reach 127.0.0.1 (") and "<" not in message, message
+    assert message.endswith("seg_tiny_mask/checkpoint.pth"), "the real cause, not a message ending in ':'"
+    with pytest.raises(gr.Error, match="offline: cannot reach 127.0.0.1"):
+        handlers.check_model("official:seg_tiny_mask")
+    handlers.check_model("untrained")
+
+
+def test_compare_inputs_are_checked_before_any_work(handlers):
+    with pytest.raises(gr.Error, match="upload an image"):
+        handlers.check_compare(None, ["algm"], "algm:0.9", "tome:8")
+    with pytest.raises(gr.Error, match="at least one method"):
+        handlers.check_compare("x.png", [], "algm:0.9", "tome:8")
+    with pytest.raises(gr.Error) as typo:
+        handlers.check_compare("x.png", ["algm"], "algm:0.9", "tome8")
+    assert "tome8" in typo.value.message
+    assert len(handlers.check_compare("x.png", ["algm"], "algm:0.9", "tome:8")) == 2
 
 
 def test_bundled_model_brings_classes_input_size_thresholds_and_dataset_curve(tmp_path):

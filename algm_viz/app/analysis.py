@@ -45,6 +45,7 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
     entry, image = session.entry, session.image
     settings = settings.validated(entry.depth)
     base, algm = session.baseline(), session.algm(settings)
+    latency = session.latency(settings)
     maps, p = algm.maps, entry.patch_size
     disagreement, changed = render.disagreement_map(image, base.prediction, algm.prediction)
     agreement, _ = session.agreement(algm.prediction)
@@ -63,7 +64,11 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
         "tokens": dict(tokens),
         "kept_percent": {"local": _percent(tokens["local"], tokens["patches"]),
                          "global": _percent(tokens["global"], tokens["patches"])},
-        "latency_ms": {"baseline": 1e3 * base.latency_s, "algm": 1e3 * algm.latency_s},
+        "latency_ms": {name: {"median": 1e3 * t.median, "p25": 1e3 * t.p25, "p75": 1e3 * t.p75}
+                       for name, t in (("baseline", latency.baseline), ("algm", latency.algm))},
+        "speedup": latency.speedup,
+        "timing": {"rounds": latency.baseline.repeats, "interleaved": True,
+                   "how": "median of interleaved rounds (baseline, then this setting), after warm-up forwards"},
         "gflops": {"baseline": session.gflops(None), "algm": session.gflops(settings)} if with_gflops else None,
         "agreement_miou": agreement,
         "changed_pixels_percent": 100.0 * changed,
@@ -83,6 +88,11 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
     )
 
 
+def _ms(timing: dict[str, float]) -> str:
+    """``412 ms (405–420)``: median and quartiles."""
+    return f"{timing['median']:.0f} ms ({timing['p25']:.0f}–{timing['p75']:.0f})"
+
+
 def readout_markdown(readout: dict[str, Any]) -> str:
     """The readout as a few lines of Markdown."""
     tokens, kept, latency = readout["tokens"], readout["kept_percent"], readout["latency_ms"]
@@ -92,9 +102,10 @@ def readout_markdown(readout: dict[str, Any]) -> str:
         f"({kept['local']:.1f} % → {kept['global']:.1f} % kept) · τ local {tau['local']:.3f}, global {tau['global']:.3f}, "
         f"{readout['window']}×{readout['window']} windows, GBM at layer {readout['global_layer']}"
         + (", proportional attention" if readout["proportional_attention"] else ""),
-        f"**Latency** baseline {latency['baseline']:.1f} ms · ALGM {latency['algm']:.1f} ms "
-        f"({latency['baseline'] / max(latency['algm'], 1e-9):.2f}×) on `{readout['device']}`, "
-        f"{readout['image_size'][0]}×{readout['image_size'][1]} input",
+        f"**Latency** baseline {_ms(latency['baseline'])} · ALGM {_ms(latency['algm'])} → "
+        f"**{readout['speedup']:.2f}×** on `{readout['device']}`, {readout['image_size'][0]}×{readout['image_size'][1]} "
+        f"input (median and quartiles of {readout['timing']['rounds']} rounds, each timing the baseline and then "
+        f"this setting, as `algm-viz bench` does)",
     ]
     if readout["gflops"] is not None:
         gflops = readout["gflops"]

@@ -24,7 +24,7 @@ from ..evaluation.metrics import confusion_matrix, miou
 from ..flops import count_gflops
 from ..patch import MergeRecord, algm_state, apply_algm, remove_algm
 from ..preprocess import ImageError, check_label, normalize, to_rgb_uint8
-from ..timing import timed
+from ..timing import Timing, time_once, timed
 from .inputs import resize_for_model
 from .models import ModelEntry
 
@@ -33,6 +33,7 @@ __all__ = [
     "ForwardResult",
     "MergeMaps",
     "ImageSession",
+    "Latency",
     "SessionCache",
 ]
 
@@ -182,6 +183,38 @@ def run_gflops(entry: ModelEntry, images: torch.Tensor, settings: Settings | Non
         return count_gflops(entry.model, images)
 
 
+#: Rounds of the readout's latency: each times the baseline, then the setting (as ``algm-viz bench`` does).
+LATENCY_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds per forward of the baseline and of one setting, timed side by side (``rounds`` interleaved
+    rounds after the analysis forwards, which serve as warm-up)."""
+
+    baseline: Timing
+    algm: Timing
+
+    @property
+    def speedup(self) -> float:
+        """Median baseline time over median ALGM time (as ``algm-viz bench``'s ``speedup``)."""
+        return self.baseline.median / self.algm.median
+
+
+def run_latency(entry: ModelEntry, images: torch.Tensor, settings: Settings, rounds: int) -> Latency:
+    """Time the baseline and ``settings`` on ``images`` in ``rounds`` interleaved rounds, so that a drift
+    of the machine's load hits both alike; holds ``entry.lock`` throughout."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    samples: dict[Settings | None, list[float]] = {None: [], settings: []}
+    with entry.lock, torch.inference_mode():
+        for _ in range(rounds):
+            for config, times in samples.items():
+                _configure(entry, config)
+                times.append(time_once(lambda: entry.model(images), images.device))
+    return Latency(Timing.from_samples(samples[None]), Timing.from_samples(samples[settings]))
+
+
 def run_balance(entry: ModelEntry, images: torch.Tensor, classes: np.ndarray, settings: Settings) -> dict[str, Any]:
     """Attention balance of ``images`` ``[1, 3, H, W]`` for pixel classes ``classes`` ``[H, W]``."""
     labels = torch.from_numpy(classes.astype(np.int64))[None].to(images.device)
@@ -225,6 +258,7 @@ class ImageSession:
         self._gflops: LRU[float] = LRU(cache_size)
         self._balance: LRU[dict[str, Any]] = LRU(cache_size)
         self._curves: LRU[list[dict[str, Any]]] = LRU(cache_size)
+        self._latency: LRU[Latency] = LRU(cache_size)
 
     @property
     def num_patches(self) -> int:
@@ -243,6 +277,11 @@ class ImageSession:
         """The ALGM forward for ``settings`` (cached)."""
         settings = settings.validated(self.entry.depth)
         return self._algm.get(settings, lambda: run_forward(self.entry, self.tensor, settings))
+
+    def latency(self, settings: Settings, rounds: int = LATENCY_ROUNDS) -> Latency:
+        """Baseline and ``settings`` timed in ``rounds`` interleaved rounds (cached per setting and rounds)."""
+        settings = settings.validated(self.entry.depth)
+        return self._latency.get((settings, rounds), lambda: run_latency(self.entry, self.tensor, settings, rounds))
 
     def gflops(self, settings: Settings | None) -> float:
         """GFLOPs for ``settings`` (None = baseline; cached)."""

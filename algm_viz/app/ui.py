@@ -12,6 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
+import threading
+import urllib.error
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,9 +57,25 @@ def user_errors(fn: Callable) -> Callable:
             raise
         except _USER_ERRORS as error:
             logger.info("%s refused: %s", fn.__name__, error)
-            raise gr.Error(str(error)) from error
+            raise gr.Error(user_message(error)) from error
 
     return wrapper
+
+
+def user_message(error: BaseException) -> str:
+    """The message a user reads for ``error``: a network failure anywhere in its causes becomes
+    ``offline: cannot reach <host> (<reason>)``; text in angle brackets (``<urlopen error ...>``, which a
+    browser would take for an HTML tag and hide) loses its brackets."""
+    message = str(error)
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, urllib.error.URLError) and not isinstance(cause, urllib.error.HTTPError):
+            reason = getattr(cause.reason, "strerror", None) or str(cause.reason)
+            host = re.search(r"https?://([^/\s:]+)", message)
+            context = message.rsplit(": ", 1)[0] if message.endswith(str(cause)) else message
+            return f"offline: cannot reach {host.group(1) if host else 'the server'} ({reason}): {context}"
+        cause = cause.__cause__ or cause.__context__
+    return re.sub(r"<([^<>]*)>", r"\1", message) or type(error).__name__
 
 
 class ImageInput(gr.Image):
@@ -163,6 +182,13 @@ class Handlers:
         )
 
     @user_errors
+    def check_model(self, model: str) -> None:
+        """Load ``model`` (kept in the registry), or raise ``gr.Error`` with the cause. The page runs this
+        before it changes any control, so a model that fails leaves the previous one, its controls and
+        its results in place."""
+        self.registry.get(model)
+
+    @user_errors
     def select_window(self, model: str, window: int):
         """-> the CLAP window radio with the sides that fit the model's patch grid (``window`` kept if it fits)."""
         sides = self.registry.get(model).windows()
@@ -186,6 +212,27 @@ class Handlers:
         entry = self.registry.get(key)
         choices = self.registry.choices() + [(entry.label, key)]
         return gr.Dropdown(choices=choices, value=key)
+
+    def prerun(self, model: str, image: str, label: str | None = None) -> threading.Thread:
+        """Compute, in a background thread, what the page shows first for ``image`` with ``model`` at its
+        default setting (the forwards, timings, τ curves and balance land in the session caches), so that the
+        first visitors get cached results. Failures are logged, never raised."""
+        def work() -> None:
+            try:
+                entry = self.registry.get(model)
+                auto = entry.auto_thresholds
+                settings = Settings(auto["local"], auto["global"], min(2, entry.windows()[-1]), min(5, entry.depth))
+                with self.gate.interactive():
+                    session = self._session(model, image, label)
+                    analysis.analyze(session, settings, self.with_gflops)
+                    analysis.curve(session, settings, self.thresholds)
+                    analysis.balance(session, settings)
+            except Exception:  # a pre-run is an optimisation: the page computes it on demand instead
+                logger.exception("pre-run of %s failed", image)
+
+        thread = threading.Thread(target=work, name="algm-viz-prerun", daemon=True)
+        thread.start()
+        return thread
 
     def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int, prop_attn: bool) -> Settings:
         return Settings(local_tau, global_tau, window, global_layer, prop_attn=prop_attn)
@@ -233,13 +280,9 @@ class Handlers:
         return figure, summary
 
     @user_errors
-    def compare(self, model: str, image: str | None, label: str | None, methods: Sequence[str], map_a: str, map_b: str,
-                request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
-        """-> (quality vs GFLOPs figure, quality vs throughput figure, merge maps of two methods side by side).
-
-        Every method in ``methods`` over its own knob values (issue 6's comparison) on this image. Every
-        input is checked before any work; the work then runs one configuration at a time, after any
-        waiting interactive request, and stops when the time budget is spent or the client has gone."""
+    def check_compare(self, image: str | None, methods: Sequence[str], map_a: str, map_b: str) -> list:
+        """The two merge-map specs, or ``gr.Error`` naming the first bad input (the page checks before it
+        runs a comparison, so a typo leaves the previous results in place)."""
         if not image:
             raise gr.Error("upload an image (or pick an example) first")
         if not isinstance(methods, (list, tuple)) or not methods:
@@ -247,7 +290,17 @@ class Handlers:
         unknown = [m for m in methods if not isinstance(m, str) or m not in METHODS]
         if unknown:
             raise gr.Error(f"unknown methods {str(unknown)[:80]}: choose from {', '.join(METHODS)}")
-        specs = [parse_spec(map_a), parse_spec(map_b)]
+        return [parse_spec(map_a), parse_spec(map_b)]
+
+    @user_errors
+    def compare(self, model: str, image: str | None, label: str | None, methods: Sequence[str], map_a: str, map_b: str,
+                request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
+        """-> (quality vs GFLOPs figure, quality vs throughput figure, merge maps of two methods side by side).
+
+        Every method in ``methods`` over its own knob values (issue 6's comparison) on this image. Every
+        input is checked before any work; the work then runs one configuration at a time, after any
+        waiting interactive request, and stops when the time budget is spent or the client has gone."""
+        specs = self.check_compare(image, methods, map_a, map_b)
         budget = self.budget(request)
         session = self._session(model, image, label)
         entry = session.entry
@@ -287,9 +340,14 @@ class Handlers:
         return [str(p) for p in sorted(folder.iterdir())]
 
 
-def _examples() -> list[list[str]]:
+def _examples() -> tuple[list[list[str]], list[list[str | None]]]:
+    """``([image, label map]`` of each street scene (those with a map in ``labels/``), ``[image, None]`` of
+    each other picture``)`` in :data:`EXAMPLES_DIR`."""
     suffixes = {".png", ".jpg", ".jpeg", ".webp"}
-    return [[str(p)] for p in sorted(EXAMPLES_DIR.glob("*")) if p.suffix.lower() in suffixes] if EXAMPLES_DIR.is_dir() else []
+    pictures = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in suffixes) if EXAMPLES_DIR.is_dir() else []
+    labelled = [p for p in pictures if (EXAMPLES_DIR / "labels" / p.name).is_file()]
+    return ([[str(p), str(EXAMPLES_DIR / "labels" / p.name)] for p in labelled],
+            [[str(p), None] for p in pictures if p not in labelled])
 
 
 def _zero_gpu_wrappers(curve_points: int) -> dict[str, Callable[[Callable], Callable]]:
@@ -307,16 +365,22 @@ def _zero_gpu_wrappers(curve_points: int) -> dict[str, Callable[[Callable], Call
 
 
 def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
-               delete_cache: tuple[int, int] | None = (300, 1800)) -> gr.Blocks:
+               delete_cache: tuple[int, int] | None = (300, 1800), prerun: bool = True) -> gr.Blocks:
     """The app. ``gpu_concurrency``: model requests run at once (queue concurrency group ``"gpu"``).
     ``delete_cache``: Gradio's ``(every, age)`` seconds removal of the uploads and other files it stored
-    for this app (None: keep them until the server stops)."""
+    for this app (None: keep them until the server stops). ``prerun``: the page opens on the first street
+    example, computed once in the background from the start (:meth:`Handlers.prerun`), so that every
+    visitor sees results at once."""
     handlers = handlers or Handlers(ModelRegistry())
     default = handlers.registry.default_key()
     entry, status = handlers.model_info(default)
     auto = entry.auto_thresholds
     on_gpu = _zero_gpu_wrappers(len(handlers.thresholds))
     work = {"concurrency_id": "gpu", "concurrency_limit": gpu_concurrency}
+    streets, photos = _examples()
+    first = streets[0] if streets else [None, None]  # the page opens on it
+    if prerun and first[0]:
+        handlers.prerun(default, *first)
 
     with gr.Blocks(title="ALGM token merging", delete_cache=delete_cache) as demo:
         gr.Markdown("# ALGM: see token merging in a segmentation ViT\n"
@@ -332,13 +396,16 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         with gr.Row():
             image = ImageInput(type="filepath", image_mode=None, sources=["upload", "clipboard"], height=320,
                                label=f"Image (resized to the model's short side; long side ≤ {handlers.sessions.max_side}px)",
-                               elem_id="input-image")
+                               elem_id="input-image", value=first[0])
             with gr.Column():
                 label = LabelFile(label="Optional label map (PNG of class ids) for real mIoU", type="filepath",
-                                file_types=["image"])
-                examples = _examples()
-                if examples:
-                    gr.Examples(examples=examples, inputs=[image], label="Examples (public domain)")
+                                file_types=["image"], value=first[1])
+                if streets:
+                    gr.Examples(examples=streets, inputs=[image, label], elem_id="street-examples",
+                                label="Street scenes (drawn by this project, with label maps): what the CamVid model knows")
+                if photos:
+                    gr.Examples(examples=photos, inputs=[image, label], elem_id="photo-examples",
+                                label="Photos outside the CamVid model's training domain (public domain)")
         with gr.Row():
             local_tau = NumberSlider(min(0.5, auto["local"]), 1.0, value=auto["local"], step=0.005, label="τ local (CLAP)",
                                   elem_id="tau-local")
@@ -402,17 +469,32 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                     prop_attn.change]
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
-        chain(model.change(handlers.select_model, [model], model_outputs, api_name="select_model", **work)
-              .then(handlers.select_window, [model, window], [window], api_visibility="private")
-              .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
-        gr.on([checkpoint_path.submit, checkpoint_files.upload], handlers.load_checkpoint,
-              [checkpoint_path, checkpoint_files], [model], api_name="load_checkpoint", **work)
+        chain(demo.load(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+        current_model = gr.State(default)  # the model whose controls and results the page shows
+
+        def switch_model(event: Any, public: bool = False) -> None:
+            """After ``event`` checked the dropdown's model: its controls, window, view and curves."""
+            chain(event.success(handlers.select_model, [model], model_outputs,
+                                **({"api_name": "select_model"} if public else {"api_visibility": "private"}), **work)
+                  .then(lambda key: key, [model], [current_model], api_visibility="private")
+                  .then(handlers.select_window, [model, window], [window], api_visibility="private")
+                  .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+
+        # a user's pick is loaded first, with no visible output: on failure one toast says why and the
+        # dropdown goes back to the model still shown (.input: that reset does not fire again)
+        picked = model.input(handlers.check_model, [model], None, api_visibility="private", **work)
+        picked.failure(lambda key: key, [current_model], [model], api_visibility="private")
+        switch_model(picked, public=True)
+        switch_model(gr.on([checkpoint_path.submit, checkpoint_files.upload], handlers.load_checkpoint,
+                           [checkpoint_path, checkpoint_files], [model], api_name="load_checkpoint", **work))
         chain(auto_button.click(lambda m: tuple(handlers.registry.get(m).auto_thresholds[k] for k in ("local", "global")),
                                 [model], [local_tau, global_tau], api_visibility="private")
               .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
         export_button.click(on_gpu["export"](handlers.export), inputs, [export_files], api_name="export", **work)
         # its own queue: a comparison runs beside the interactive requests, which go first (PriorityGate)
-        compare_button.click(on_gpu["compare"](handlers.compare), [model, image, label, compare_methods_box, map_a, map_b],
+        compare_button.click(handlers.check_compare, [image, compare_methods_box, map_a, map_b], None,
+                             api_visibility="private") \
+            .success(on_gpu["compare"](handlers.compare), [model, image, label, compare_methods_box, map_a, map_b],
                              [pareto_gflops, pareto_speed, compare_maps], api_name="compare",
                              concurrency_id="long", concurrency_limit=1)
     handlers.blocks = demo

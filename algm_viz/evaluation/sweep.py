@@ -396,7 +396,7 @@ def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context 
     model.eval()
     rows, confusions = [], []
     runs = config.runs()
-    progress_log = _ProgressLog(len(runs) * len(spread_indices(dataset, config.limit, config.seed)), config.log_every_s,
+    progress_log = _ProgressLog(len(runs) * len(_indices(dataset, config, context)), config.log_every_s,  # this process's
                                 enabled=progress and context.is_main and not sys.stdout.isatty())
     with merging_restored(model):
         for method, value in tqdm(runs, desc="sweep", disable=not (progress and context.is_main) or None):

@@ -165,6 +165,28 @@ def test_pictures_are_capped_in_number_and_size_oldest_first(tmp_path):
     assert by_size.usage[1] <= 2.5 * one * 1.1
 
 
+def test_gradios_stored_files_are_capped_oldest_first_examples_kept(tmp_path):
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"upload{i}.png"
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (i, i))
+        paths.append(str(path))
+    uploads, outputs = set(paths[:4]), set(paths[4:])
+
+    class Example:
+        keep_in_cache = {paths[0]}
+
+    blocks = type("Blocks", (), {"temp_file_sets": [uploads, outputs], "blocks": {1: Example()}})()
+    time.sleep(0.01)
+    Path(paths[5]).write_bytes(b"y" * 100)  # the newest (by ctime)
+    assert files.prune_uploads(blocks, max_files=3, max_bytes=10**6) == 2
+    assert [Path(p).exists() for p in paths].count(True) == 4 and Path(paths[0]).exists() and Path(paths[5]).exists()
+    assert files.prune_uploads(blocks, max_files=10, max_bytes=150) >= 2
+    assert Path(paths[0]).exists(), "an example's cached file stays"
+    assert len(uploads) + len(outputs) <= 2
+
+
 def test_export_folders_keep_only_the_newest(tmp_path):
     folders = files.TempFolders("export", keep=2, root=tmp_path)
     made = [folders.new() for _ in range(3)]

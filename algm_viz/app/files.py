@@ -21,12 +21,13 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
 
-__all__ = ["PictureFiles", "TempFolders", "make_temp_dir", "remove_stale", "remove_own", "exit_on_sigterm", "upload_root"]
+__all__ = ["PictureFiles", "TempFolders", "make_temp_dir", "remove_stale", "remove_own", "exit_on_sigterm", "upload_root",
+           "prune_uploads"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +178,37 @@ class PictureFiles:
                 self._bytes -= old_size
                 old.unlink(missing_ok=True)
         return str(path)
+
+
+def prune_uploads(blocks: Any, max_files: int, max_bytes: int) -> int:
+    """Remove the oldest files Gradio stored for ``blocks`` (uploads, copies of outputs) while there are
+    more than ``max_files`` of them or more than ``max_bytes`` bytes; files Gradio keeps for itself
+    (examples) stay. Returns how many were removed. Gradio's ``delete_cache`` removes them by age only."""
+    keep: set[str] = set()
+    for component in getattr(blocks, "blocks", {}).values():
+        keep.update(getattr(component, "keep_in_cache", ()))
+    entries = []
+    for file_set in getattr(blocks, "temp_file_sets", ()):
+        for name in list(file_set):
+            if name in keep:
+                continue
+            try:
+                status = os.lstat(name)
+            except OSError:
+                file_set.discard(name)
+                continue
+            entries.append((status.st_ctime, status.st_size, name, file_set))
+    entries.sort(key=lambda entry: entry[0])
+    count, total, removed = len(entries), sum(entry[1] for entry in entries), 0
+    for _, size, name, file_set in entries:
+        if count <= max_files and total <= max_bytes:
+            break
+        try:
+            os.remove(name)
+        except OSError:
+            pass
+        file_set.discard(name)
+        count, total, removed = count - 1, total - size, removed + 1
+    if removed:
+        logger.info("removed %d of the oldest uploads (caps: %d files, %d MB)", removed, max_files, max_bytes // 2**20)
+    return removed

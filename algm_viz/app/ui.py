@@ -30,7 +30,7 @@ from ..plots import pareto_figure, rows_to_csv
 from ..preprocess import MAX_PIXELS, ImageError
 from . import analysis
 from .components import LabelFile, MethodChoices, NumberSlider, checked_payload
-from .files import PictureFiles, TempFolders, make_temp_dir, remove_stale, upload_root
+from .files import PictureFiles, TempFolders, make_temp_dir, prune_uploads, remove_stale, upload_root
 from .longjobs import Budget, PriorityGate, WorkStopped, client_gone
 from .gpu import forward_budget, gpu, image_pixels
 from .models import ModelEntry, ModelRegistry
@@ -121,6 +121,8 @@ class Handlers:
         with_gflops: count GFLOPs for each setting (one extra forward per new setting).
         long_budget_s: wall-time budget of one long request (compare, τ curve, export); it stops between
             configurations when spent, or as soon as its client has gone (see :mod:`.longjobs`).
+        upload_caps: ``(files, bytes)`` Gradio may keep for this app (uploads and copies); the oldest
+            go first (:func:`~.files.prune_uploads`; Gradio's ``delete_cache`` also removes them by age).
 
     Interactive requests (analyze, curve, balance, export) go before the steps of a comparison
     (:class:`~.longjobs.PriorityGate`), which holds the model for one configuration at a time.
@@ -128,9 +130,10 @@ class Handlers:
 
     def __init__(self, registry: ModelRegistry, sessions: SessionCache | None = None,
                  thresholds: Sequence[float] = analysis.CURVE_THRESHOLDS, with_gflops: bool = True,
-                 long_budget_s: float = 180.0) -> None:
+                 long_budget_s: float = 180.0, upload_caps: tuple[int, int] = (500, 2 * 2**30)) -> None:
         self.registry = registry
         self.long_budget_s = long_budget_s
+        self.upload_caps = upload_caps
         self.gate = PriorityGate()
         self.blocks: gr.Blocks | None = None  # set by build_demo: disconnects are read from its queue
         self.sessions = sessions or SessionCache()
@@ -156,8 +159,11 @@ class Handlers:
                 raise ImageError(f"{Path(upload).name} is no longer on the server (uploads are kept for a while): "
                                  "upload it again")
         key = (entry.key, _file_identity(image), _file_identity(label) if label else None)
-        return self._by_file.get(key, lambda: self.sessions.get(entry, read_image_file(image),
-                                                                 read_label_file(label) if label else None))
+        session = self._by_file.get(key, lambda: self.sessions.get(entry, read_image_file(image),
+                                                                    read_label_file(label) if label else None))
+        if self.blocks is not None:
+            prune_uploads(self.blocks, *self.upload_caps)
+        return session
 
     def model_info(self, model: str) -> tuple[ModelEntry, str]:
         entry = self.registry.get(model)

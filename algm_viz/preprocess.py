@@ -74,7 +74,7 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     image = _open_checked(path, max_pixels, "an image")
     if image.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", "La"):
         image = image.convert("RGBA" if image.mode in ("PA", "RGBa") or "transparency" in image.info else "RGB")
-    return to_rgb_uint8(_native(np.asarray(image)))
+    return to_rgb_uint8(_native(np.array(image)))
 
 
 def read_label(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -87,7 +87,7 @@ def read_label(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     image = _open_checked(path, max_pixels, "a label map")
     if image.mode == "1":
         image = image.convert("L")
-    array = _native(np.asarray(image))
+    array = _native(np.array(image))
     if array.ndim == 3:
         colour = array[..., :3] if array.shape[2] >= 3 else array[..., :1]
         if (colour != colour[..., :1]).any():

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import apply_algm, algm_state, remove_algm
 from .datasets import read_image
+from .evaluation.inference import DTYPES
 from .evaluation.sweep import AUTO
 from .flops import count_gflops
 from .models.segmenter import DECODERS
@@ -33,7 +34,6 @@ from .timing import Timing, synchronize, time_once
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def synthetic_scenes(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .datasets import SegmentationFolder, open_dataset, parse_sequences, sequenc
 from .evaluation.balance import aggregate_balance, attention_balance
 from .evaluation.calibrate import calibrate, store_thresholds
 from .evaluation.distributed import setup, teardown
-from .evaluation.inference import default_short_side, merging_disabled, prepare
+from .evaluation.inference import DTYPES, default_short_side, merging_disabled, prepare
 from .evaluation.similarity import similarity_analysis
 from .evaluation.sweep import SweepConfig, available_methods, parse_taus, sweep
 from .plots import balance_figure, pareto_figure, rows_to_csv, similarity_figure, threshold_figure, write_html
@@ -120,7 +120,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             local_layer=args.local_layer, global_layer=args.global_layer, window=args.window, values=dict(args.values or []),
             short_side=args.short_side, batch_size=args.batch_size, warmup=args.warmup,
             flops_images=None if args.flops_images < 0 else args.flops_images, limit=args.limit, seed=args.seed,
-            bootstrap=args.bootstrap, confidence=args.confidence,
+            bootstrap=args.bootstrap, confidence=args.confidence, dtype=DTYPES[args.dtype],
         )
         rows = sweep(model, dataset, config, context, progress=True)
         if context.is_main:
@@ -133,7 +133,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                                    f"{100 * config.confidence:g}% percentile interval; miou_ci: the row's own mIoU",
                     "class_names": list(dataset.class_names), "processes": context.world_size,
                     "device": str(context.device), "short_side": config.short_side or default_short_side(model),
-                    "inference": "whole image", "config": asdict(config),
+                    "inference": "whole image", "config": {**asdict(config), "dtype": args.dtype},
                     "throughput": "median (p25, p75) over batches of batch_size / model-forward seconds, after warm-up, "
                                   "device-synchronised; times the number of processes under torchrun"}
             _write_json({**meta, "rows": rows}, out)
@@ -237,6 +237,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="paired bootstrap resamples over images for the ΔmIoU interval against the baseline (0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap interval")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="precision of the forwards (autocast)")
     p.add_argument("--out", type=Path, default=Path("results.json"), help="JSON out; .csv and .html written beside it")
     p.set_defaults(run=run_sweep)
 

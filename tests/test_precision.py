@@ -107,3 +107,25 @@ def test_the_guard_catches_a_device_less_factory():
     with guard:
         np.asarray(algm_viz.merging.window_index((4, 4), (2, 2)))  # device left to its default
     assert guard.offenders
+
+
+def test_sweep_runs_in_half_precision(random_folder_data):
+    """``SweepConfig(dtype=...)`` (``algm-viz sweep --dtype``): the forwards run under autocast and score
+    like fp32 (a random model's predictions, so agreement is the check, not the mIoU itself)."""
+    from algm_viz.datasets import open_dataset
+    from algm_viz.evaluation.sweep import SweepConfig, sweep
+
+    torch.manual_seed(0)
+    model = create_segmenter("vit_tiny_patch16_384", num_classes=3, depth=6, embed_dim=64, num_heads=2, image_size=64).eval()
+    dataset = open_dataset("folder", random_folder_data, class_names=["a", "b", "c"])
+    rows, computed_in = {}, set()
+    model.encoder.blocks[0].mlp.register_forward_hook(lambda module, args, out: computed_in.add(out.dtype))
+    for dtype in (None, torch.bfloat16):
+        config = SweepConfig(taus=[0.9], methods=["baseline", "algm"], warmup=0, bootstrap=0, dtype=dtype)
+        rows[dtype] = {row["method"]: row for row in sweep(model, dataset, config, progress=False)}
+        assert computed_in == {dtype or torch.float32}, computed_in  # the forwards really ran in that precision
+        computed_in.clear()
+    for method in ("baseline", "algm"):
+        confusion = {dtype: torch.as_tensor(rows[dtype][method]["confusion"]) for dtype in rows}
+        predicted = {dtype: c.sum(0).double() / c.sum() for dtype, c in confusion.items()}  # share of each class
+        assert torch.allclose(predicted[None], predicted[torch.bfloat16], atol=0.05), (method, predicted)

@@ -18,8 +18,11 @@ from torch import Tensor, nn
 from ..patch import algm_state
 from ..preprocess import normalize
 
-__all__ = ["autocast", "prepare", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "sliding_window_logits",
+__all__ = ["DTYPES", "autocast", "prepare", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "sliding_window_logits",
            "default_short_side", "merging_disabled", "resized_shape"]
+
+#: Command-line names of the precisions the tools run in.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 #: Float elements of one tile of upsampled logits in :func:`upsampled_argmax` (16 M = 64 MB in fp32).
 TILE_ELEMENTS = 1 << 24

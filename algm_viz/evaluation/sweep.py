@@ -35,7 +35,7 @@ from ..timing import rate_summary, timed
 from .. import methods as engine_methods
 from ..patch import ONLINE, algm_state, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
-from .inference import default_short_side, prepare
+from .inference import autocast, default_short_side, prepare
 from .metrics import confusion_matrices, miou, paired_bootstrap
 
 __all__ = ["available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "configure_method", "add_intervals"]
@@ -71,6 +71,8 @@ class SweepConfig:
         bootstrap: resamples of the paired bootstrap of ΔmIoU against the baseline; 0 = no interval.
         confidence: level of the bootstrap interval.
         log_every_s: when stdout is not a terminal, log images done, rate and ETA at most this often.
+        dtype: run the forwards under autocast in this precision (``torch.float16``/``torch.bfloat16``);
+            None = float32.
     """
 
     taus: Sequence[float] = field(default_factory=lambda: parse_taus("0.80:0.98:0.02"))
@@ -88,6 +90,7 @@ class SweepConfig:
     bootstrap: int = 1000
     confidence: float = 0.95
     log_every_s: float = 30.0
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         known = available_methods()
@@ -297,11 +300,12 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
     batches = _batches(model, dataset, indices, config.batch_size, short_side, device)
     for images, labels in tqdm(batches, desc=description, leave=False, disable=not progress or None,
                                total=math.ceil(len(indices) / config.batch_size)):
-        if first:
-            for _ in range(config.warmup):
-                model(images)
-            first = False
-        logits, seconds = timed(lambda: model(images), device)
+        with autocast(images.device, config.dtype):
+            if first:
+                for _ in range(config.warmup):
+                    model(images)
+                first = False
+            logits, seconds = timed(lambda: model(images).float(), device)
         rates.append(images.shape[0] / seconds)
         grid_tokens = math.ceil(images.shape[-2] / patch) * math.ceil(images.shape[-1] / patch)
         sums, per_stage = _token_sums(model, images.shape[0], grid_tokens, method)
@@ -314,7 +318,8 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
         else:
             raise RuntimeError(f"{description}: the number of merge stages changed between batches")
         if flops[1] < flops_limit:
-            flops += torch.tensor([count_gflops(model, images), images.shape[0]], dtype=torch.float64)
+            with autocast(images.device, config.dtype):
+                flops += torch.tensor([count_gflops(model, images), images.shape[0]], dtype=torch.float64)
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         per_image.append(confusion_matrices(logits.argmax(1), labels, num_classes, IGNORE_INDEX).cpu())

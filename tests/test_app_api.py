@@ -104,7 +104,7 @@ def test_nan_through_the_http_api_is_refused_clearly(server):
     with open(images[0], "rb") as handle:
         uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": handle}).json()[0]
     image = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
-    body = '{"data": ["untrained", %s, null, NaN, 0.9, 2, 5, false]}' % json.dumps(image)
+    body = '{"data": ["untrained", %s, null, NaN, 0.9, 2, 5, false, false]}' % json.dumps(image)
     event = httpx.post(f"{url}gradio_api/call/analyze", content=body, headers={"Content-Type": "application/json"}).json()
     stream = httpx.get(f"{url}gradio_api/call/analyze/{event['event_id']}", timeout=60).text
     assert "event: error" in stream and "local_threshold" in stream

@@ -662,3 +662,39 @@ def test_load_segmenter_offers_the_official_interpolation(tiny_official_model):
         assert (official(images) - default(images)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="pos_embed_interpolation"):
         load_segmenter(tiny_official_model, pos_embed_interpolation="area")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The app: "official (online)" for the global τ, and the threshold each image used in the readout
+# ----------------------------------------------------------------------------------------------------
+
+def test_app_offers_the_official_global_tau_and_shows_the_threshold_used(tmp_path):
+    import cv2
+    import gradio as gr
+    import numpy as np
+
+    from algm_viz.app import analysis
+    from algm_viz.app.models import ModelRegistry
+    from algm_viz.app.session import SessionCache, Settings
+    from algm_viz.app.ui import Handlers
+
+    registry = ModelRegistry(device="cpu", default_short_side=64, include_bundled=False,
+                             untrained=dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear",
+                                            patch_size=8, image_size=64))
+    handlers = Handlers(registry, SessionCache(max_side=128), thresholds=(0.6, 1.0))
+    image = np.clip(np.random.default_rng(0).integers(0, 60, (60, 90, 3)) + 100, 0, 255).astype(np.uint8)
+    path = str(tmp_path / "image.png")
+    cv2.imwrite(path, image)
+    assert Settings(0.8, "official").validated(6).global_threshold == "official"
+    with pytest.raises(ValueError, match="global_threshold"):
+        Settings(0.8, "online").validated(6)
+    *_, markdown, readout = handlers.analyze("untrained", path, None, 0.8, 0.9, 2, 5, False, True)
+    assert readout["thresholds"] == {"local": 0.8, "global": "official"}
+    used = readout["thresholds_used"]["global"]
+    assert used != 0.9 and -1.0 <= used <= 1.0  # the slider's 0.9 is ignored: the image's online τ
+    assert f"official (online) {used:.3f}" in markdown
+    *_, paper_markdown, paper = handlers.analyze("untrained", path, None, 0.8, 0.9, 2, 5, False, False)
+    assert paper["thresholds_used"] == {"local": pytest.approx(0.8), "global": pytest.approx(0.9)}
+    assert "global 0.900" in paper_markdown
+    with pytest.raises(gr.Error, match="official-τ switch"):
+        handlers.settings(0.8, 0.9, 2, 5, False, "yes")

@@ -57,6 +57,7 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
         "device": str(entry.device),
         "image_size": [int(image.shape[1]), int(image.shape[0])],
         "thresholds": {"local": settings.local_threshold, "global": settings.global_threshold},
+        "thresholds_used": dict(maps.thresholds),
         "window": settings.window,
         "local_layer": settings.local_layer,
         "global_layer": settings.global_layer,
@@ -97,9 +98,14 @@ def readout_markdown(readout: dict[str, Any]) -> str:
     """The readout as a few lines of Markdown."""
     tokens, kept, latency = readout["tokens"], readout["kept_percent"], readout["latency_ms"]
     tau = readout["thresholds"]
+    used = readout.get("thresholds_used", {})
+    if tau["global"] == "official":  # the official code's online GBM τ: the value this image used
+        global_tau = "official (online)" + (f" {used['global']:.3f}" if "global" in used else "")
+    else:
+        global_tau = f"{tau['global']:.3f}"
     lines = [
         f"**Tokens** {tokens['patches']} → {tokens['local']} → {tokens['global']} "
-        f"({kept['local']:.1f} % → {kept['global']:.1f} % kept) · τ local {tau['local']:.3f}, global {tau['global']:.3f}, "
+        f"({kept['local']:.1f} % → {kept['global']:.1f} % kept) · τ local {tau['local']:.3f}, global {global_tau}, "
         f"{readout['window']}×{readout['window']} windows, GBM at layer {readout['global_layer']}"
         + (", proportional attention" if readout["proportional_attention"] else ""),
         f"**Latency** baseline {_ms(latency['baseline'])} · ALGM {_ms(latency['algm'])} → "

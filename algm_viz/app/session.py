@@ -22,7 +22,7 @@ from ..datasets import IGNORE_INDEX
 from ..evaluation.balance import attention_balance
 from ..evaluation.metrics import confusion_matrix, miou
 from ..flops import count_gflops
-from ..patch import MergeRecord, algm_state, apply_algm, remove_algm
+from ..patch import ONLINE, MergeRecord, algm_state, apply_algm, remove_algm
 from ..preprocess import ImageError, check_label, normalize, to_rgb_uint8
 from ..timing import Timing, time_once, timed
 from .inputs import resize_for_model
@@ -73,10 +73,11 @@ class LRU(Generic[V]):
 @dataclass(frozen=True)
 class Settings:
     """One ALGM configuration: τ per stage, square CLAP window side, 1-based layers, and whether attention
-    weighs a merged token by the patches it holds (``prop_attn``)."""
+    weighs a merged token by the patches it holds (``prop_attn``). ``global_threshold`` may be
+    ``"official"`` (:data:`~algm_viz.merging.ONLINE`): the official ALGM code's mode, GBM's online τ."""
 
     local_threshold: float
-    global_threshold: float
+    global_threshold: float | str
     window: int = 2
     global_layer: int = 5
     local_layer: int = 1
@@ -87,6 +88,9 @@ class Settings:
         values = {}
         for name in ("local_threshold", "global_threshold"):
             value = getattr(self, name)
+            if name == "global_threshold" and value == ONLINE:
+                values[name] = ONLINE
+                continue
             try:
                 value = float(value)
             except (TypeError, ValueError):
@@ -121,12 +125,15 @@ class MergeMaps:
         final_groups: ``[gh, gw]`` final token of each patch.
         global_merged: ``[gh, gw]`` bool, True where the patch's final token merged several GBM inputs.
         tokens: ``{"patches": N, "local": N', "global": N''}``.
+        thresholds: ``{"local", "global"}`` the similarity threshold each stage merged with (the official
+            online GBM τ is set per image); a stage that did not run is absent.
     """
 
     local_groups: np.ndarray
     final_groups: np.ndarray
     global_merged: np.ndarray
     tokens: dict[str, int]
+    thresholds: dict[str, float]
 
     @staticmethod
     def from_record(record: MergeRecord) -> "MergeMaps":
@@ -144,7 +151,8 @@ class MergeMaps:
         counts = {name: int(value[0]) for name, value in record.token_counts().items()}
         tokens = {"patches": patches, "local": counts.get("local", patches)}
         tokens["global"] = counts.get("global", tokens["local"])
-        return MergeMaps(local_groups, final_groups, global_merged, tokens)
+        thresholds = {name: float(value[0]) for name, value in record.thresholds().items()}
+        return MergeMaps(local_groups, final_groups, global_merged, tokens, thresholds)
 
 
 @dataclass(frozen=True)

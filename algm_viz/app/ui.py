@@ -24,6 +24,7 @@ import PIL.Image
 
 from ..compare_cli import compare as compare_methods
 from ..compare_cli import merge_maps, parse_spec
+from ..merging import ONLINE
 from ..methods import METHODS
 from ..models import CheckpointError
 from ..plots import pareto_figure, rows_to_csv
@@ -240,8 +241,13 @@ class Handlers:
         thread.start()
         return thread
 
-    def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int, prop_attn: bool) -> Settings:
-        return Settings(local_tau, global_tau, window, global_layer, prop_attn=prop_attn)
+    def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int, prop_attn: bool,
+                 official: bool = False) -> Settings:
+        """The setting of the controls; ``official``: GBM's τ is the official ALGM code's online one (the
+        global τ slider is then ignored)."""
+        if not isinstance(official, (bool, np.bool_)):
+            raise gr.Error(f"the official-τ switch must be true or false, got {str(official)[:40]!r}")
+        return Settings(local_tau, ONLINE if official else global_tau, window, global_layer, prop_attn=prop_attn)
 
     def budget(self, request: gr.Request | None = None) -> Budget:
         """The time budget of one long request, stopping early when its client leaves."""
@@ -249,11 +255,11 @@ class Handlers:
 
     @user_errors
     def analyze(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int, prop_attn: bool = False):
+                window: int, global_layer: int, prop_attn: bool = False, official: bool = False):
         """-> (CLAP overlay, GBM overlay, (baseline, ALGM) segmentation, disagreement, legend, readout Markdown, readout dict)."""
         if not image:
             return None, None, None, None, None, "Upload an image or pick an example.", None
-        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn, official)
         with self.gate.interactive():
             session = self._session(model, image, label)
             result = analysis.analyze(session, settings, self.with_gflops)
@@ -263,11 +269,12 @@ class Handlers:
 
     @user_errors
     def curve(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-              window: int, global_layer: int, prop_attn: bool = False, request: gr.Request | None = None):
+              window: int, global_layer: int, prop_attn: bool = False, official: bool = False,
+              request: gr.Request | None = None):
         """-> (per-image τ curve figure, dataset curve figure or None)."""
         if not image:
             return None, None
-        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn, official)
         with self.gate.interactive():
             session = self._session(model, image, label)
             figure, _ = analysis.curve(session, settings, self.thresholds, self.budget(request).check)
@@ -275,11 +282,11 @@ class Handlers:
 
     @user_errors
     def balance(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int, prop_attn: bool = False):
+                window: int, global_layer: int, prop_attn: bool = False, official: bool = False):
         """-> (attention-balance figure, one-line summary)."""
         if not image:
             return None, ""
-        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn, official)
         with self.gate.interactive():
             session = self._session(model, image, label)
             figure, summary, _ = analysis.balance(session, settings)
@@ -328,11 +335,12 @@ class Handlers:
 
     @user_errors
     def export(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-               window: int, global_layer: int, prop_attn: bool = False, request: gr.Request | None = None) -> list[str]:
+               window: int, global_layer: int, prop_attn: bool = False, official: bool = False,
+               request: gr.Request | None = None) -> list[str]:
         """Write the figures' data: readout JSON, per-image curve CSV + JSON, attention balance JSON."""
         if not image:
             raise gr.Error("nothing to export yet: upload an image first")
-        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn)
+        settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn, official)
         with self.gate.interactive():
             session = self._session(model, image, label)
             readout = analysis.analyze(session, settings, self.with_gflops).readout
@@ -417,6 +425,9 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                   elem_id="tau-local")
             global_tau = NumberSlider(min(0.5, auto["global"]), 1.0, value=auto["global"], step=0.005, label="τ global (GBM)",
                                    elem_id="tau-global")
+            global_official = gr.Checkbox(False, label="τ global: official (online)", elem_id="tau-global-official",
+                                          info="as the official ALGM code: GBM's τ = mean + std / layer of each "
+                                               "image's best-edge similarities (the slider is ignored)")
             auto_button = gr.Button("τ = auto (μ+σ)", scale=0)
         with gr.Row():
             window = gr.Radio(entry.windows(), value=min(2, entry.windows()[-1]), label="CLAP window k×k (1 = no local merging)")
@@ -462,20 +473,21 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         readout_json = gr.JSON(label="Readout (JSON)", visible=False)
 
         inputs = [model, image, label, local_tau, global_tau, window, global_layer, prop_attn]
+        algm_inputs = [*inputs, global_official]  # the analysis endpoints also take the official-τ switch
         model_outputs = [local_tau, global_tau, global_layer, model_status, dataset_plot]
         view_outputs = [local_image, global_image, segmentation, disagreement, legend, readout, readout_json]
 
         def chain(event: Any, public: bool = False) -> None:
             """After ``event``: the τ curve, then the attention balance (named endpoints once)."""
             names = ({"api_name": "curve"}, {"api_name": "balance"}) if public else ({"api_visibility": "private"},) * 2
-            event.then(on_gpu["curve"](handlers.curve), inputs, [curve_plot, dataset_plot], **names[0], **work) \
-                 .then(on_gpu["balance"](handlers.balance), inputs, [balance_plot, balance_summary], **names[1], **work)
+            event.then(on_gpu["curve"](handlers.curve), algm_inputs, [curve_plot, dataset_plot], **names[0], **work) \
+                 .then(on_gpu["balance"](handlers.balance), algm_inputs, [balance_plot, balance_summary], **names[1], **work)
 
         triggers = [image.change, label.change, local_tau.release, global_tau.release, window.change, global_layer.release,
-                    prop_attn.change]
-        chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_name="analyze",
+                    prop_attn.change, global_official.change]
+        chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
-        chain(demo.load(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+        chain(demo.load(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
         current_model = gr.State(default)  # the model whose controls and results the page shows
 
         def switch_model(event: Any, public: bool = False) -> None:
@@ -484,7 +496,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                 **({"api_name": "select_model"} if public else {"api_visibility": "private"}), **work)
                   .then(lambda key: key, [model], [current_model], api_visibility="private")
                   .then(handlers.select_window, [model, window], [window], api_visibility="private")
-                  .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
+                  .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
 
         # a user's pick is loaded first, with no visible output: on failure one toast says why and the
         # dropdown goes back to the model still shown (.input: that reset does not fire again)
@@ -495,8 +507,8 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                            [checkpoint_path, checkpoint_files], [model], api_name="load_checkpoint", **work))
         chain(auto_button.click(lambda m: tuple(handlers.registry.get(m).auto_thresholds[k] for k in ("local", "global")),
                                 [model], [local_tau, global_tau], api_visibility="private")
-              .then(on_gpu["analyze"](handlers.analyze), inputs, view_outputs, api_visibility="private", **work))
-        export_button.click(on_gpu["export"](handlers.export), inputs, [export_files], api_name="export", **work)
+              .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
+        export_button.click(on_gpu["export"](handlers.export), algm_inputs, [export_files], api_name="export", **work)
         # its own queue: a comparison runs beside the interactive requests, which go first (PriorityGate)
         compare_button.click(handlers.check_compare, [image, compare_methods_box, map_a, map_b], None,
                              api_visibility="private") \

@@ -22,6 +22,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = [
+    "method_label",
+    "image_tau_figure",
+    "delta_figure",
     "row_threshold",
     "threshold_figure",
     "pareto_figure",
@@ -62,6 +65,96 @@ def _label(row: Row) -> str:
     if tau is not None:
         return f"τ = {tau:g}"
     return f"{row['knob']} = {row['value']:g}" if row.get("knob") and row.get("value") is not None else row["method"]
+
+
+def method_label(method: str) -> str:
+    """The plain name of a method (``"algm_prop"`` -> ``"ALGM + proportional attention"``); unknown names as they are."""
+    from .methods import METHODS  # plots stay importable without the engine's registry at import time
+
+    return METHODS[method].label if method in METHODS else method
+
+
+def image_tau_figure(local_rows: Sequence[Row], global_rows: Sequence[Row], current: dict[str, float]) -> go.Figure:
+    """One image's τ curves as two columns: τ local varied with τ global fixed at ``current["global"]``, and
+    τ global varied with τ local fixed at ``current["local"]``. Top row: agreement with the baseline
+    (mIoU %); bottom row: GFLOPs and tokens kept, % of the baseline. The current setting is a vertical line
+    and a star in each column (``current``: ``{"local", "global"}`` τ). Rows as from the app's curve: the
+    baseline first (with ``gflops`` and ``tokens``), then one row per τ with ``miou`` = agreement."""
+    def text(tau: float | str) -> str:
+        return f"{tau:.3f}" if isinstance(tau, float) else str(tau)
+
+    titles = (f"τ local varied (τ global = {text(current['global'])})", f"τ global varied (τ local = {text(current['local'])})")
+    figure = make_subplots(rows=2, cols=2, shared_xaxes=True, vertical_spacing=0.08, horizontal_spacing=0.1,
+                           subplot_titles=titles, row_heights=[0.6, 0.4])
+    for col, (rows, stage) in enumerate(((local_rows, "local"), (global_rows, "global")), 1):
+        base = next(r for r in rows if r["method"] == "baseline")
+        points = sorted((r for r in rows if r["method"] != "baseline"), key=lambda r: r[f"{stage}_threshold"])
+        taus = [r[f"{stage}_threshold"] for r in points]
+        first = col == 1
+        figure.add_trace(go.Scatter(x=taus, y=[r["miou"] for r in points], mode="lines+markers", name="agreement (mIoU %)",
+                                    line={"color": _PALETTE[0]}, legendgroup="agreement", showlegend=first), row=1, col=col)
+        figure.add_trace(go.Scatter(x=taus, y=[_percent(r["gflops"], base["gflops"]) for r in points], mode="lines+markers",
+                                    name="GFLOPs (% of baseline)", line={"color": _PALETTE[2]}, legendgroup="gflops",
+                                    showlegend=first), row=2, col=col)
+        figure.add_trace(go.Scatter(x=taus, y=[_percent(r["tokens"]["global"], base["tokens"]["patches"]) for r in points],
+                                    mode="lines+markers", name="tokens after GBM (% of patches)",
+                                    line={"color": _PALETTE[3], "dash": "dash"}, legendgroup="tokens", showlegend=first),
+                         row=2, col=col)
+        if not isinstance(current[stage], float):  # the official online τ: no point on this axis
+            figure.update_xaxes(title_text=f"τ {stage}", row=2, col=col)
+            continue
+        here = [r for r in points if math.isclose(r[f"{stage}_threshold"], current[stage], abs_tol=1e-6)]
+        if here:
+            figure.add_trace(go.Scatter(x=[current[stage]], y=[here[0]["miou"]], mode="markers", name="current setting",
+                                        marker={"symbol": "star", "size": 14, "color": "orange", "line": {"color": "black", "width": 1}},
+                                        legendgroup="current", showlegend=first), row=1, col=col)
+        figure.add_vline(x=current[stage], line={"color": "orange", "width": 2}, row="all", col=col)
+        figure.update_xaxes(title_text=f"τ {stage}", row=2, col=col)
+    figure.update_yaxes(title_text="agreement (mIoU %)", row=1, col=1)
+    figure.update_yaxes(title_text="% of baseline", row=2, col=1)
+    figure.update_layout(title="This image: agreement with the baseline and cost against τ, one stage at a time",
+                         hovermode="x unified", legend={"orientation": "h", "y": -0.18}, margin={"t": 80})
+    return figure
+
+
+def delta_figure(rows: Sequence[Row], current: float | None = None, title: str = "Data set: ΔmIoU and speed-up against τ") -> go.Figure:
+    """Sweep rows as ΔmIoU (points against the baseline; error bars: the paired bootstrap interval where
+    the rows have one) over speed-up (× the baseline's images/s), both against τ, one colour per τ method,
+    plain method names in the legend; ``current`` τ as a vertical line (named in the legend, not written
+    over the curves)."""
+    base = next((r for r in rows if r["method"] == "baseline"), None)
+    if base is None:
+        raise ValueError("delta_figure needs the baseline row")
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4])
+    tau_methods = [m for m in _methods(rows) if any(r["method"] == m and row_threshold(r) is not None for r in rows)]
+    for color, method in zip(_PALETTE * 4, tau_methods):
+        points = sorted((r for r in rows if r["method"] == method and row_threshold(r) is not None
+                         and r.get("value") not in ("auto", "official")), key=row_threshold)
+        deltas = [r["delta_miou"] if r.get("delta_miou") is not None else r["miou"] - base["miou"] for r in points]
+        taus = [row_threshold(r) for r in points]
+        name = method_label(method)
+        figure.add_trace(go.Scatter(x=taus, y=deltas, mode="lines+markers", name=name, line={"color": color},
+                                    legendgroup=method, error_y=_delta_error(points), text=[_delta_text(r) for r in points],
+                                    hovertemplate="τ %{x}<br>ΔmIoU %{y:+.2f}<extra>" + name + "</extra>"), row=1, col=1)
+        figure.add_trace(go.Scatter(x=taus, y=[r["images_per_s"] / base["images_per_s"] for r in points],
+                                    mode="lines+markers", name=f"{name}: speed-up", line={"color": color, "dash": "dash"},
+                                    legendgroup=method, showlegend=False,
+                                    hovertemplate="τ %{x}<br>%{y:.2f}×<extra>" + name + "</extra>"), row=2, col=1)
+    figure.add_hline(y=0.0, line={"color": "black", "width": 1}, row=1, col=1)
+    figure.add_hline(y=1.0, line={"color": "black", "width": 1}, row=2, col=1)
+    if current is not None:
+        figure.add_vline(x=float(current), line={"color": "orange", "width": 2})
+        figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": "orange", "width": 2},
+                                    name=f"current τ local {float(current):.3f}"), row=1, col=1)
+    figure.update_yaxes(title_text=f"ΔmIoU (points; baseline {base['miou']:.1f} %)", row=1, col=1)
+    figure.update_yaxes(title_text="speed-up (×)", row=2, col=1)
+    figure.update_xaxes(title_text="similarity threshold τ", row=2, col=1)
+    figure.update_layout(title=title, hovermode="x unified", legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def _percent(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else math.nan
 
 
 def _methods(rows: Iterable[Row]) -> list[str]:
@@ -115,13 +208,13 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
         points = sorted((r for r in measured if r.get("value") not in ("auto", "official")), key=row_threshold)
         taus = [row_threshold(r) for r in points]
         figure.add_trace(
-            go.Scatter(x=taus, y=[r["miou"] for r in points], mode="lines+markers", name=f"{method} {quality_label}",
+            go.Scatter(x=taus, y=[r["miou"] for r in points], mode="lines+markers", name=f"{method_label(method)}: {quality_label}",
                        line={"color": color}, legendgroup=method, error_y=_delta_error(points),
                        text=[_delta_text(r) for r in points]),
             secondary_y=False,
         )
         figure.add_trace(
-            go.Scatter(x=taus, y=[r["images_per_s"] for r in points], mode="lines+markers", name=f"{method} images/s",
+            go.Scatter(x=taus, y=[r["images_per_s"] for r in points], mode="lines+markers", name=f"{method_label(method)}: images/s",
                        line={"color": color, "dash": "dash"}, marker={"symbol": "diamond"}, error_y=_spread(points),
                        legendgroup=method),
             secondary_y=True,
@@ -132,7 +225,7 @@ def threshold_figure(rows: Sequence[Row], current: float | None = None, quality_
             else:
                 pair = _label(row)
             figure.add_trace(
-                go.Scatter(x=[row_threshold(row)], y=[row["miou"]], mode="markers", name=f"{method} at {pair}",
+                go.Scatter(x=[row_threshold(row)], y=[row["miou"]], mode="markers", name=f"{method_label(method)} at {pair}",
                            marker={"color": color, "symbol": "star" if row["value"] == "auto" else "diamond-wide",
                                    "size": 14, "line": {"color": "black", "width": 1}},
                            legendgroup=method, error_y=_delta_error([row]), text=[_delta_text(row)]),
@@ -162,7 +255,7 @@ def pareto_figure(rows: Sequence[Row], x: str = "gflops") -> go.Figure:
     for color, method in zip(_PALETTE * 4, _methods(rows)):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
         figure.add_trace(go.Scatter(
-            x=[r[x] for r in points], y=[r["miou"] for r in points], mode="lines+markers", name=method,
+            x=[r[x] for r in points], y=[r["miou"] for r in points], mode="lines+markers", name=method_label(method),
             line={"color": color}, text=[" ".join(filter(None, (_label(r), _delta_text(r)))) for r in points],
             hovertemplate="%{text}<br>%{x:.3g}<br>mIoU %{y:.2f}<extra>" + method + "</extra>", error_y=_delta_error(points),
         ))

@@ -93,7 +93,7 @@ def test_curve_endpoint_returns_a_plot(server):
     url, images, _ = server
     client = Client(url, verbose=False)
     plot, dataset = client.predict("untrained", handle_file(images[1]), None, 0.7, 0.7, 2, 5, api_name="/curve")
-    assert plot["type"] == "plotly" and "agreement mIoU" in plot["plot"]
+    assert plot["type"] == "plotly" and "agreement (mIoU %)" in plot["plot"] and "τ global varied" in plot["plot"]
     assert dataset is None
 
 

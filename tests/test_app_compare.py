@@ -20,10 +20,10 @@ def test_compare_gives_two_pareto_plots_and_side_by_side_maps(handlers, tmp_path
     image = write(tmp_path, "scene.png", scene())
     gflops, speed, maps = handlers.compare("untrained", image, None, ["algm", "pool2d", "cts"], "algm:0.5", "pool2d:2")
     names = {trace.name for trace in gflops.data}
-    assert names == {"algm", "pool2d", "cts", "baseline"}
+    assert names == {"ALGM (CLAP + GBM)", "Segformer++ 2-D pooling", "CTS-style sharing (stand-in policy)", "baseline"}
     assert {trace.name for trace in speed.data} == names
     assert speed.layout.xaxis.title.text.startswith("throughput")
-    assert "agreement" in gflops.layout.yaxis.title.text
+    assert gflops.layout.yaxis.title.text == "agreement with baseline (mIoU %)"
     picture = np.asarray(Image.open(maps))
     assert picture.shape[1] >= 2 * 64  # two panels side by side
 

@@ -165,8 +165,26 @@ def test_proportional_attention_is_a_setting_of_its_own(registry):
     assert "proportional attention" in analysis.readout_markdown(weighted.readout)
     assert plain.readout["tokens"]["local"] == weighted.readout["tokens"]["local"]  # CLAP runs before any weighting
     _, rows = analysis.curve(session, Settings(0.3, 0.3, prop_attn=True), [0.3])
-    assert [r["method"] for r in rows] == ["baseline", "algm_prop"]
-    assert rows[1]["miou"] == pytest.approx(weighted.readout["agreement_miou"])
+    assert [r["method"] for r in rows] == ["baseline", "algm_prop", "algm_prop"]
+    assert rows[1]["miou"] == rows[2]["miou"] == pytest.approx(weighted.readout["agreement_miou"])
+
+
+def test_image_curve_varies_one_stage_with_the_other_at_its_slider_and_passes_through_the_setting(registry):
+    session = ImageSession(registry.get("untrained"), scene())
+    settings = Settings(0.99, 0.4)
+    readout = analysis.analyze(session, settings, with_gflops=False).readout
+    figure, rows = analysis.curve(session, settings, [0.6, 1.0])
+    local = [r for r in rows if r.get("varied") == "local"]
+    global_ = [r for r in rows if r.get("varied") == "global"]
+    assert [r["local_threshold"] for r in local] == [0.6, 0.99, 1.0] and {r["global_threshold"] for r in local} == {0.4}
+    assert [r["global_threshold"] for r in global_] == [0.4, 0.6, 1.0] and {r["local_threshold"] for r in global_} == {0.99}
+    here = [r["miou"] for r in rows[1:] if (r["local_threshold"], r["global_threshold"]) == (0.99, 0.4)]
+    assert here == pytest.approx([readout["agreement_miou"]] * 2), "both curves pass through the readout's setting"
+    stars = [t for t in figure.data if t.name == "current setting"]
+    assert [t.x[0] for t in stars] == [0.99, 0.4]
+    assert [t.y[0] for t in stars] == pytest.approx([readout["agreement_miou"]] * 2)
+    with pytest.raises(ValueError, match="vary"):
+        session.curve_rows([0.6], 2, 5, vary="local")
 
 
 def test_label_map_gives_real_miou(registry):
@@ -242,15 +260,15 @@ def test_curve_balance_and_export(handlers, tmp_path):
     args = ("untrained", write(tmp_path, "ok.png", scene()), None, 0.8, 0.8, 2, 5)
     figure, dataset = handlers.curve(*args)
     assert dataset is None
-    assert any(abs(shape["x0"] - 0.8) < 1e-9 for shape in figure.layout.shapes), "current τ marked"
+    assert sum(abs(shape["x0"] - 0.8) < 1e-9 for shape in figure.layout.shapes) == 4, "current τ marked, both rows of both curves"
     balance_plot, summary = handlers.balance(*args)
     assert "entropy" in summary.lower() and balance_plot is not None
     files = {p.rsplit("/", 1)[-1]: p for p in handlers.export(*args)}
     assert set(files) == {"readout.json", "tau_curve.json", "tau_curve.csv", "attention_balance.json"}
     rows = json.loads(Path(files["tau_curve.json"]).read_text(), parse_constant=_no_nan)  # strict JSON
     assert all(len(r["per_class_iou"]) == 5 for r in rows)
-    assert [r["local_threshold"] for r in rows] == [None, 0.6, 0.8, 1.0]
-    assert rows[-1]["tokens"]["global"] == rows[0]["tokens"]["patches"], "τ = 1 merges nothing"
+    assert [r["local_threshold"] for r in rows] == [None, 0.6, 0.8, 1.0, 0.8, 0.8, 0.8]
+    assert [r["global_threshold"] for r in rows] == [None, 0.8, 0.8, 0.8, 0.6, 0.8, 1.0]
     with open(files["tau_curve.csv"]) as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
 

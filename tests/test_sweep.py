@@ -244,14 +244,15 @@ def test_figures_from_rows(tmp_path):
     assert list(figure.data[0].error_y.arrayminus) == pytest.approx([0.5, 0.5])
     assert figure.data[0].text[0] == "ΔmIoU -2.00 [-2.50, -1.75]"
     assert [trace.name for trace in figure.data] == [
-        "algm mIoU (%)", "algm images/s", "algm at the calibrated τ: local 0.950, global 0.700"]
+        "ALGM (CLAP + GBM): mIoU (%)", "ALGM (CLAP + GBM): images/s",
+        "ALGM (CLAP + GBM) at the calibrated τ: local 0.950, global 0.700"]
     assert list(figure.data[0].x) == [0.8, 0.9]  # the calibrated pair is a star of its own, not a line point
     assert (list(figure.data[2].x), list(figure.data[2].y)) == ([0.95], [45.0])
     assert list(figure.data[1].error_y.array) == pytest.approx([1.0, 1.0])
     shapes = figure.layout.shapes
     assert len(shapes) == 3  # two baseline lines, one current-τ marker
     pareto = pareto_figure(rows + [calibrated], "gflops")
-    assert [t.name for t in pareto.data] == ["algm", "baseline"] and list(pareto.data[0].x) == [2.5, 2.8, 2.9]
+    assert [t.name for t in pareto.data] == ["ALGM (CLAP + GBM)", "baseline"] and list(pareto.data[0].x) == [2.5, 2.8, 2.9]
     assert pareto.data[0].text[0] == "calibrated τ (0.95, 0.7)"
     with pytest.raises(ValueError):
         pareto_figure(rows, "tokens")

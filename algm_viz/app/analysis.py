@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .. import render
-from ..plots import balance_figure, threshold_figure
+from ..plots import balance_figure, delta_figure, image_tau_figure
 from .session import ImageSession, Settings
 
 __all__ = ["Analysis", "analyze", "readout_markdown", "curve", "dataset_curve", "balance", "CURVE_THRESHOLDS"]
@@ -131,30 +131,32 @@ def readout_markdown(readout: dict[str, Any]) -> str:
 
 def curve(session: ImageSession, settings: Settings, thresholds: Sequence[float] = CURVE_THRESHOLDS,
           check: Callable[[int, int], None] | None = None) -> tuple[go.Figure, list[dict[str, Any]]]:
-    """Per-image agreement mIoU, throughput and GFLOPs against τ (window and layer of ``settings``),
-    with ``settings``' local τ marked. Returns the figure and its rows. ``check(done, total)`` runs
-    between the curve's forwards and may raise to stop (see :meth:`ImageSession.curve_rows`)."""
+    """Per-image agreement with the baseline and cost against τ, one stage at a time (window, layer and
+    proportional attention of ``settings``): τ local over ``thresholds`` with τ global at its setting, and
+    τ global over ``thresholds`` with τ local at its setting; each grid also holds the current τ, so the
+    curves pass through the readout's setting, which is marked. Returns the figure and the rows (the
+    baseline, then each curve's rows with ``"varied"``: ``"local"`` or ``"global"``). ``check(done, total)``
+    runs between the forwards and may raise to stop (see :meth:`ImageSession.curve_rows`)."""
     settings = settings.validated(session.entry.depth)
-    rows = session.curve_rows(thresholds, settings.window, settings.global_layer, settings.prop_attn, check)
-    figure = threshold_figure(rows, current=settings.local_threshold, quality_label="agreement mIoU (%)")
-    figure.add_trace(go.Scatter(x=[r["local_threshold"] for r in rows[1:]], y=[r["gflops"] for r in rows[1:]],
-                                mode="lines+markers", name="algm GFLOPs", line={"color": "#2ca02c", "dash": "dot"},
-                                yaxis="y3"))
-    figure.update_layout(
-        title="This image: agreement with the baseline, throughput and GFLOPs against τ (both stages)",
-        yaxis3={"title": "GFLOPs", "overlaying": "y", "side": "right", "anchor": "free", "autoshift": True,
-                "showgrid": False},
-    )
+    current = {"local": settings.local_threshold, "global": settings.global_threshold}
+    curves = {}
+    for stage, other in (("local", "global"), ("global", "local")):
+        here = {current[stage]} if isinstance(current[stage], float) else set()  # not the official online τ
+        grid = sorted({round(float(t), 6) for t in thresholds} | here)
+        curves[stage] = session.curve_rows(grid, settings.window, settings.global_layer, settings.prop_attn, check,
+                                           vary=stage, fixed=current[other])
+    figure = image_tau_figure(curves["local"], curves["global"], current)
+    rows = [dict(curves["local"][0])] + [{**r, "varied": stage} for stage in ("local", "global") for r in curves[stage][1:]]
     return figure, rows
 
 
 def dataset_curve(rows: Sequence[dict[str, Any]] | None, current: float) -> go.Figure | None:
-    """The dataset-level τ curve a model ships (``sweep.json``), ``current`` τ marked; None without one."""
-    if not rows:
+    """The dataset-level τ curve a model ships (``sweep.json``: the same τ for both stages) as ΔmIoU against
+    the baseline and speed-up, ``current`` τ marked; None without one."""
+    if not rows or not any(r["method"] == "baseline" for r in rows):
         return None
-    figure = threshold_figure(rows, current=current, quality_label="mIoU (%)")
-    figure.update_layout(title="Data set (shipped with the model): mIoU and throughput against τ")
-    return figure
+    return delta_figure(rows, current, title="Data set (the model's sweep, same τ for both stages): "
+                                             "ΔmIoU and speed-up against τ")
 
 
 def balance(session: ImageSession, settings: Settings) -> tuple[go.Figure, str, dict[str, Any]]:

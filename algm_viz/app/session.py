@@ -313,17 +313,22 @@ class ImageSession:
         return _miou(prediction, self.label, self.entry.model.num_classes)[0]
 
     def curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
-                   prop_attn: bool = False, check: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
-        """One row per τ (the same τ for both stages), in the schema of the evaluation command (method
-        ``algm``, or ``algm_prop`` with ``prop_attn``), with ``miou`` = agreement with the baseline (%) and
-        throughput from this image's latency. Cached: a τ release re-plots the same rows with a new marker.
+                   prop_attn: bool = False, check: Callable[[int, int], None] | None = None,
+                   vary: str = "both", fixed: float | None = None) -> list[dict[str, Any]]:
+        """One row per τ, in the schema of the evaluation command (method ``algm``, or ``algm_prop`` with
+        ``prop_attn``), with ``miou`` = agreement with the baseline (%) and throughput from this image's
+        latency. ``vary``: ``"both"`` (the same τ for both stages), ``"local"`` or ``"global"`` (that stage's
+        τ, the other one at ``fixed``). Cached: a τ release re-plots the same rows with a new marker.
         ``check(done, total)`` runs before each τ and may raise to stop (a time budget); nothing is cached then."""
-        key = (tuple(float(t) for t in thresholds), window, global_layer, prop_attn)
+        if vary not in ("both", "local", "global") or (vary != "both") != (fixed is not None):
+            raise ValueError(f"vary must be 'both' (no fixed τ) or 'local'/'global' with a fixed τ, got {vary!r}, {fixed!r}")
+        key = (tuple(float(t) for t in thresholds), window, global_layer, prop_attn, vary, fixed)
         return self._curves.get(key, lambda: self._curve_rows(thresholds, window, global_layer, prop_attn,
-                                                              check or (lambda done, total: None)))
+                                                              check or (lambda done, total: None), vary, fixed))
 
     def _curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
-                    prop_attn: bool, check: Callable[[int, int], None]) -> list[dict[str, Any]]:
+                    prop_attn: bool, check: Callable[[int, int], None], vary: str = "both",
+                    fixed: float | None = None) -> list[dict[str, Any]]:
         check(0, len(thresholds) + 1)
         baseline = self.baseline()
         rows = [{
@@ -334,13 +339,15 @@ class ImageSession:
         }]
         for done, tau in enumerate(thresholds, 1):
             check(done, len(thresholds) + 1)
-            settings = Settings(tau, tau, window, global_layer, prop_attn=prop_attn)
+            local = float(tau) if vary in ("both", "local") else float(fixed)
+            global_ = float(tau) if vary in ("both", "global") else fixed  # a number, or the official online τ
+            settings = Settings(local, global_, window, global_layer, prop_attn=prop_attn)
             result = self.algm(settings)
             miou, per_class = self.agreement(result.prediction)
             rows.append({
                 "method": "algm_prop" if prop_attn else "algm",
-                "local_threshold": float(tau),
-                "global_threshold": float(tau),
+                "local_threshold": local,
+                "global_threshold": global_,
                 "miou": miou,
                 "per_class_iou": per_class,
                 "images_per_s": 1.0 / result.latency_s,

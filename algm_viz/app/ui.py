@@ -327,10 +327,10 @@ class Handlers:
         rows = compare_methods(entry.model, session.image, list(methods), label=reference, repeats=2, step=step)
         with step(len(rows), len(rows) + 1):
             maps = merge_maps(entry.model, session.image, specs)
-        quality = "agreement mIoU with the baseline (%)" if reference is None else "mIoU (%)"
+        quality = "agreement with baseline (mIoU %)" if reference is None else "mIoU against the label map (%)"
         figures = [pareto_figure(rows, "gflops"), pareto_figure(rows, "images_per_s")]
-        for figure in figures:
-            figure.update_layout(yaxis_title=quality)
+        for figure, x in zip(figures, ("GFLOPs", "throughput")):
+            figure.update_layout(yaxis_title=quality, title=f"{quality.split(' (')[0].capitalize()} against {x}")
         return figures[0], figures[1], self.pictures.save(maps)
 
     @user_errors

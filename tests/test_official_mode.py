@@ -673,7 +673,6 @@ def test_app_offers_the_official_global_tau_and_shows_the_threshold_used(tmp_pat
     import gradio as gr
     import numpy as np
 
-    from algm_viz.app import analysis
     from algm_viz.app.models import ModelRegistry
     from algm_viz.app.session import SessionCache, Settings
     from algm_viz.app.ui import Handlers

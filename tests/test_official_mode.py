@@ -275,8 +275,6 @@ def test_official_partition_matches_reference_token_for_token():
     grid, tau, layer = (6, 8), 0.5, 5
     g = torch.Generator().manual_seed(7)
     sequence = torch.randn(2, 1 + 48, 10, generator=g) + 1.2 * torch.randn(2, 1, 10, generator=g)
-    stages = [MergeStage("clap", 1, threshold=tau, name="local", mode="official"),
-              MergeStage("gbm", layer, threshold=ONLINE, name="global", mode="official")]
     clap = local_merge(sequence[:, 1:], grid, (2, 2), tau, official=True)
     after, size = clap.merge(sequence[:, 1:])
     prefix_one = torch.ones(2, 1, 1)
@@ -286,7 +284,7 @@ def test_official_partition_matches_reference_token_for_token():
     for b in range(2):
         expected = reference_official_partition(sequence[b], grid, (2, 2), tau, layer)
         assert sorted(partition(final.groups[b], int(final.counts[b])), key=min) == expected
-    assert [s.mode for s in stages] == ["official", "official"]
+        assert any(len(group) > 4 for group in expected)  # GBM merged CLAP windows too
 
 
 def test_official_partition_is_the_opposite_parity_of_the_papers():

@@ -74,15 +74,17 @@ def _expedite(keep: float, depth: int, layer: int | None = None, grid: tuple[int
 
 def _ailurus(keep: float, depth: int, layer: int | None = None, **options: Any) -> list[MergeStage]:
     """AiluRus: density-peaks clustering into ``keep`` of the tokens in block ``layer`` (default: a
-    third of the depth), unfolded at the encoder output; ``options`` go to
+    sixth of the depth), unfolded at the encoder output; ``options`` go to
     :func:`~algm_viz.clustering.density_peaks_clusters` (``k``, ``spatial_weight``, ...)."""
     planner = partial(ailurus_planner, keep=keep, **options)
     return [MergeStage("cluster", _clustering_layer(depth, layer, AILURUS_LAYER), planner=planner, name="ailurus")]
 
 
-#: Default clustering layers as a fraction of the depth (4 of 12).
-EXPEDITE_LAYER = AILURUS_LAYER = 1 / 3
+#: Default clustering layers as a fraction of the depth (Expedite 4 of 12, AiluRus 2 of 12: on the bundled
+#: model AiluRus keeps more agreement at equal GFLOPs clustering early and keeping more, BENCHMARKS.md).
+EXPEDITE_LAYER, AILURUS_LAYER = 1 / 3, 1 / 6
 KEEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+AILURUS_KEEPS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 TAUS = (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
 
@@ -107,10 +109,10 @@ METHODS: dict[str, Method] = {
         Method("expedite", "Expedite (hourglass clustering + reconstruction)", "keep", KEEPS, _expedite,
                note="Local k-means into an h×w grid of clusters (keep = h·w / patches) in one layer; soft "
                "token reconstruction before the decoder."),
-        Method("ailurus", "AiluRus (spatial-aware density clustering)", "keep", KEEPS, _ailurus,
+        Method("ailurus", "AiluRus (spatial-aware density clustering)", "keep", AILURUS_KEEPS, _ailurus,
                note="Density-peaks clustering with a spatial prior in one layer; every patch takes its "
                "cluster's output before the decoder."),
-        Method("ailurus_prop", "AiluRus + proportional attention", "keep", KEEPS, _ailurus, prop_attn=True,
+        Method("ailurus_prop", "AiluRus + proportional attention", "keep", AILURUS_KEEPS, _ailurus, prop_attn=True,
                note="AiluRus with ToMe's log-size key bias: a cluster weighs as the patches it holds."),
     )
 }

@@ -17,6 +17,8 @@ import argparse
 import json
 import logging
 import statistics
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +31,7 @@ from algm_viz.compare_cli import parse_spec
 from algm_viz.datasets import open_dataset, spread_indices
 from algm_viz.evaluation.inference import default_short_side, predict_logits, prepare
 from algm_viz.evaluation.sweep import SweepConfig, sweep
-from algm_viz.methods import apply_method
+from algm_viz.methods import METHODS, apply_method
 from algm_viz.models.loading import load_model
 from algm_viz.patch import merging_restored, remove_algm
 from algm_viz.plots import pareto_figure, rows_to_csv, write_html
@@ -81,6 +83,22 @@ def overhead(model: nn.Module, images: Sequence[np.ndarray], spec: tuple[str, fl
             "images": len(images)}
 
 
+def register_variant(text: str) -> str:
+    """``NAME=METHOD:key=value,...`` (e.g. ``ailurus_l2=ailurus:layer=2``): METHOD with those options,
+    registered as NAME for this run (so the sweep measures it). Returns NAME."""
+    name, _, rest = text.partition("=")
+    base, _, options = rest.partition(":")
+    if not name or base not in METHODS or METHODS[base].algm:
+        raise SystemExit(f"--variant {text!r}: expected NAME=METHOD:key=value,... with a non-ALGM method")
+    parsed = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        parsed[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    METHODS[name] = replace(METHODS[base], name=name, label=f"{METHODS[base].label}, {options}",
+                            build=partial(METHODS[base].build, **parsed))
+    return name
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| method | knob | GFLOPs | fewer GFLOPs | agreement mIoU | tokens after the last stage |", "|---|---|---|---|---|---|"]
     baseline = next(r["gflops"] for r in rows if r["method"] == "baseline")
@@ -103,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="tome,expedite,ailurus")
     parser.add_argument("--values", nargs="*", default=[], metavar="METHOD=V1/V2", help="knob values, e.g. tome=16/24/32")
-    parser.add_argument("--overhead", nargs="*", type=parse_spec, default=[], metavar="METHOD:VALUE")
+    parser.add_argument("--variant", nargs="*", default=[], metavar="NAME=METHOD:KEY=V,...",
+                        help="a method with options under its own name, e.g. ailurus_l2=ailurus:layer=2")
+    parser.add_argument("--overhead", nargs="*", type=str, default=[], metavar="METHOD:VALUE")
     parser.add_argument("--overhead-images", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="timed (and profiled) forwards per image for --overhead")
     parser.add_argument("--out", default="agreement.json")
@@ -111,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
 
+    for variant in args.variant:
+        register_variant(variant)
+    args.overhead = [parse_spec(spec) for spec in args.overhead]
     model = load_model(args.model).eval()
     short_side = default_short_side(model)
     dataset = open_dataset(args.dataset, args.data, args.split)

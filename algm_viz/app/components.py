@@ -6,12 +6,23 @@ Each is rendered by the frontend component of its Gradio parent (``is_template``
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, TypeVar
 
 import gradio as gr
 import pydantic
 
-__all__ = ["NumberSlider", "LabelFile", "MethodChoices", "checked_payload"]
+__all__ = ["NumberSlider", "LabelFile", "MethodChoices", "checked_payload", "parent_signature"]
+
+C = TypeVar("C", bound=type)
+
+
+def parent_signature(cls: C) -> C:
+    """Class decorator for a component that overrides ``__init__(*args, **kwargs)``: Gradio sends the frontend the
+    props named in ``__init__``'s signature, so the override must show its parent's (else every prop, the label and
+    the sources included, is left out and the component renders blank)."""
+    cls.__init__.__signature__ = inspect.signature(cls.__mro__[1].__init__)
+    return cls
 
 
 def _shown(value: Any) -> str:
@@ -21,12 +32,16 @@ def _shown(value: Any) -> str:
 
 
 def checked_payload(model: type[pydantic.BaseModel], what: str) -> type[pydantic.BaseModel]:
-    """``model`` (a Gradio file data model) whose validation failure is a ``gr.Error`` naming ``what``."""
+    """``model`` (a Gradio file data model) whose validation of a request's input (Gradio passes the context
+    ``validate_meta``) fails with a ``gr.Error`` naming ``what``; other validations (examples, which Gradio
+    tries and catches) fail as before."""
 
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any):
         try:
             return pydantic.BaseModel.model_validate.__func__(cls, obj, *args, **kwargs)
         except pydantic.ValidationError:
+            if not (kwargs.get("context") or {}).get("validate_meta"):
+                raise
             raise gr.Error(f"{what} must be an uploaded file, got {_shown(obj)}") from None
 
     return type(model.__name__, (model,), {"model_validate": classmethod(model_validate), "__module__": model.__module__})
@@ -44,14 +59,20 @@ class NumberSlider(gr.Slider):
         return super().preprocess(payload)
 
 
+@parent_signature
 class LabelFile(gr.File):
-    """``gr.File`` (one file) whose payload, when it is no file, gets a message naming the input."""
+    """``gr.File`` for a label map whose payload, when it is no file, gets a message naming the input.
+    (No ``__init__`` of its own: the frontend's props come from ``gr.File``'s signature.)"""
 
     is_template = True
 
-    def __init__(self, *args: Any, what: str = "the label map", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.data_model = checked_payload(self.data_model, what)
+    @property
+    def data_model(self) -> type[pydantic.BaseModel] | None:
+        return self.__dict__.get("_checked_model")
+
+    @data_model.setter
+    def data_model(self, model: type[pydantic.BaseModel] | None) -> None:  # gr.File.__init__ sets it
+        self.__dict__["_checked_model"] = checked_payload(model, "the label map") if model is not None else None
 
 
 class MethodChoices(gr.CheckboxGroup):

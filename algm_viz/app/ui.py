@@ -84,10 +84,7 @@ class ImageInput(gr.Image):
     Use it with ``type="filepath", image_mode=None`` so the file reaches the app unchanged (16-bit, RGBA, ...)."""
 
     is_template = True  # rendered by the frontend's Image component (props come from gr.Image's signature)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.data_model = checked_payload(self.data_model, "the image")  # a clear message for a non-file payload
+    data_model = checked_payload(gr.Image.data_model, "the image")  # a clear message for a non-file payload
 
     def preprocess(self, payload: Any) -> str | None:
         try:

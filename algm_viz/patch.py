@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import attend, project_qkv
 from .merging import (
     ONLINE,
     Merge,
@@ -413,16 +414,12 @@ def _attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, state:
     applies the layer's key/value-only merges. x: ``[B, T, C]`` (normalised block input)."""
     batch, tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = project_qkv(attn, x)
     keys = k.mean(1)
     if state.stages_at(layer, kv_only=True):
         # The merged keys' bias (log size, -inf on padding) replaces the token-level one.
         k, v, bias = state.merge_keys_values(layer, x, keys, k, v)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
+    out = attn.norm(attend(attn, q, k, v, bias).transpose(1, 2).reshape(batch, tokens, -1))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), keys

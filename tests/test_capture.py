@@ -45,3 +45,27 @@ def test_hooks_are_removed_when_the_forward_fails():
     with pytest.raises(ValueError, match="point"):
         with block_tokens(vit, [1], fail, point="somewhere"):
             pass
+
+
+def test_attention_helpers_match_timm_fused_and_written_out():
+    """attention.attend honours ``fused_attn`` as timm does; attention_weights are timm's softmax weights."""
+    from algm_viz.attention import attend, attention_weights, project_qkv
+
+    torch.manual_seed(0)
+    vit = find_vit(create_segmenter("vit_tiny_patch16_384", num_classes=3, depth=1, embed_dim=64, num_heads=2,
+                                    image_size=64).eval())
+    attn, x = vit.blocks[0].attn, torch.randn(2, 9, 64)
+    bias = torch.zeros(2, 1, 1, 9)
+    bias[1, ..., -3:] = float("-inf")  # padding of the second image
+    q, k, v = project_qkv(attn, x)
+    outputs = []
+    for fused in (True, False):
+        attn.fused_attn = fused
+        outputs.append(attend(attn, q, k, v, bias))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    weights = attention_weights(attn, x, bias)
+    torch.testing.assert_close(weights @ v, outputs[0], atol=1e-5, rtol=1e-5)
+    assert torch.all(weights[1, ..., -3:] == 0) and torch.allclose(weights.sum(-1), torch.ones(2, 2, 9))
+    attn.fused_attn = True
+    unbiased = attend(attn, q, k, v).transpose(1, 2).reshape(2, 9, 64)
+    torch.testing.assert_close(attn.proj(attn.norm(unbiased)), attn(x), atol=1e-5, rtol=1e-5)  # timm's own forward

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..attention import attention_weights
 from ..capture import ATTENTION_INPUT, block_tokens
 from ..datasets import IGNORE_INDEX
 from ..patch import ALGMConfig, algm_state, find_vit
@@ -36,20 +37,9 @@ def default_balance_layers(model: nn.Module) -> list[int]:
     return list(range(last_merge + 1, depth + 1)) or [depth]
 
 
-def _attention_weights(attn: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
-    """Softmax attention ``[B, heads, T, T]`` (fp32) that timm's ``Attention`` computes for input ``x``."""
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias.float()
-    return logits.softmax(-1)
-
-
 def _key_mass(attn: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
     """``[B, T]``: mean over real queries and heads of the attention weight on each key."""
-    weights = _attention_weights(attn, x, bias).mean(1)  # [B, T, T]
+    weights = attention_weights(attn, x, bias).mean(1)  # [B, T, T]
     if bias is None:
         return weights.mean(1)
     real_queries = torch.isfinite(bias.float()).reshape(x.shape[0], x.shape[1]).to(weights.dtype)  # [B, T]

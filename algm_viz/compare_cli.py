@@ -24,7 +24,7 @@ from torch import nn
 
 from . import render
 from .datasets import IGNORE_INDEX, read_image, read_label
-from .evaluation.inference import default_short_side, predict_logits, prepare, resized_shape
+from .evaluation.inference import default_short_side, predict_labels, prepare, resized_shape
 from .evaluation.sweep import SweepConfig, add_intervals, available_methods, knob, parse_taus, sweep
 from .methods import METHODS, apply_method
 from .models.loading import load_model
@@ -96,7 +96,7 @@ def compare(
     if label is None:
         with step(0, total), merging_restored(model):
             remove_algm(model)
-            label = predict_logits(model, image, short_side=short_side).argmax(0).cpu().numpy().astype(np.uint8)
+            label = predict_labels(model, image, short_side=short_side).cpu().numpy().astype(np.uint8)
     data = OneImage(image, label, _class_names(model), repeats)
     rows = []
     for method, value in runs:

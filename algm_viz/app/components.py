@@ -6,24 +6,12 @@ Each is rendered by the frontend component of its Gradio parent (``is_template``
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, TypeVar
+from typing import Any
 
 import gradio as gr
 import pydantic
 
-__all__ = ["NumberSlider", "LabelFile", "MethodChoices", "checked_payload", "parent_signature"]
-
-C = TypeVar("C", bound=type)
-
-
-def parent_signature(cls: C) -> C:
-    """Class decorator for a component that overrides ``__init__(*args, **kwargs)``: Gradio sends the frontend the
-    props named in ``__init__``'s signature, so the override must show its parent's (else every prop, the label and
-    the sources included, is left out and the component renders blank)."""
-    cls.__init__.__signature__ = inspect.signature(cls.__mro__[1].__init__)
-    return cls
-
+__all__ = ["NumberSlider", "LabelFile", "MethodChoices", "checked_payload"]
 
 def _shown(value: Any) -> str:
     """A short excerpt of a user value for an error message."""
@@ -59,7 +47,6 @@ class NumberSlider(gr.Slider):
         return super().preprocess(payload)
 
 
-@parent_signature
 class LabelFile(gr.File):
     """``gr.File`` for a label map whose payload, when it is no file, gets a message naming the input.
     (No ``__init__`` of its own: the frontend's props come from ``gr.File``'s signature.)"""

@@ -146,10 +146,11 @@ def delta_figure(rows: Sequence[Row], current: float | None = None, title: str =
         figure.add_vline(x=float(current), line={"color": "orange", "width": 2})
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": "orange", "width": 2},
                                     name=f"current τ local {float(current):.3f}"), row=1, col=1)
-    figure.update_yaxes(title_text=f"ΔmIoU (points; baseline {base['miou']:.1f} %)", row=1, col=1)
+    figure.update_yaxes(title_text="ΔmIoU (points)", row=1, col=1)
     figure.update_yaxes(title_text="speed-up (×)", row=2, col=1)
     figure.update_xaxes(title_text="similarity threshold τ", row=2, col=1)
-    figure.update_layout(title=title, hovermode="x unified", legend={"orientation": "h", "y": -0.2})
+    figure.update_layout(title=f"{title} (baseline mIoU {base['miou']:.1f} %)", hovermode="x unified",
+                         legend={"orientation": "h", "y": -0.2})
     return figure
 
 

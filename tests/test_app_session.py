@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from algm_viz import algm_state
+from algm_viz import algm_state, render
 from algm_viz.app import analysis
 from algm_viz.app.gpu import gpu
 from algm_viz.app.inputs import read_image_file, resize_for_model
@@ -200,6 +200,22 @@ def test_label_map_gives_real_miou(registry):
         ImageSession(entry, image, label[:10])
 
 
+def test_views_show_tokens_as_superpixels_and_the_ground_truth(registry):
+    entry = registry.get("untrained")
+    image = scene(64, 96)
+    label = np.zeros(image.shape[:2], np.uint8)
+    label[32:] = 3
+    labelled = analysis.analyze(ImageSession(entry, image, label), Settings(0.5, 0.5), with_gflops=False)
+    plain = analysis.analyze(ImageSession(entry, image), Settings(0.5, 0.5), with_gflops=False)
+    assert plain.ground_truth is None and labelled.ground_truth.shape == image.shape
+    session = ImageSession(entry, image, label)
+    assert (labelled.ground_truth == render.segmentation_overlay(session.image, session.label, entry.colors)).all()
+    assert plain.mean_colors.shape == image.shape
+    groups = plain.readout["tokens"]["global"]
+    assert len(np.unique(plain.mean_colors.reshape(-1, 3), axis=0)) <= groups + 1, "one colour per token (+ outline)"
+    assert plain.legend.shape[1] == analysis.LEGEND_WIDTH
+
+
 def _no_nan(constant: str):
     raise AssertionError(f"{constant} is not JSON")
 
@@ -296,7 +312,8 @@ def test_local_checkpoint_loads_and_a_wrong_one_is_refused(handlers, tmp_path):
 def test_select_model_sets_auto_tau_and_offline_downloads_fail_clearly(handlers, monkeypatch, tmp_path):
     local, global_, layer, status, dataset = handlers.select_model("untrained")
     auto = handlers.registry.get("untrained").auto_thresholds
-    assert (local.value, global_.value) == (auto["local"], auto["global"]) and layer.maximum == TINY["depth"]
+    assert (local.value, global_.value) == (round(auto["local"], 3), round(auto["global"], 3)), "shown rounded"
+    assert layer.maximum == TINY["depth"]
     assert "untrained" in status and dataset.visible is False
     monkeypatch.setenv("ALGM_VIZ_CACHE", str(tmp_path))
     monkeypatch.setitem(KNOWN_MODELS, "seg_tiny_mask", {**KNOWN_MODELS["seg_tiny_mask"], "url": "http://127.0.0.1:9/seg_tiny_mask"})
@@ -352,3 +369,12 @@ def test_gpu_shim_is_a_no_op_without_spaces_and_uses_spaces_gpu_with_it(monkeypa
     fake.GPU = lambda duration: (lambda fn: ("on gpu", duration, fn))
     monkeypatch.setitem(sys.modules, "spaces", fake)
     assert gpu(30)(handler) == ("on gpu", 30, handler)
+
+
+def test_official_ade20k_models_name_their_150_classes(monkeypatch):
+    import algm_viz.app.models as app_models
+
+    monkeypatch.setattr(app_models, "load_segmenter", lambda name: create_segmenter(**{**TINY, "num_classes": 150}))
+    entry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False).get("official:seg_tiny_mask")
+    assert len(entry.class_names) == 150 and entry.class_names[:3] == ("wall", "building", "sky")
+    assert entry.class_names[-1] == "flag" and "class 0" not in entry.class_names

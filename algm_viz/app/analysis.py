@@ -19,6 +19,8 @@ from .session import ImageSession, Settings
 
 __all__ = ["Analysis", "analyze", "readout_markdown", "curve", "dataset_curve", "balance", "CURVE_THRESHOLDS"]
 
+#: Width (px) of the class legend: one column, beside the segmentation.
+LEGEND_WIDTH = 200
 #: τ of the per-image curve (the same τ for both stages); 1.0 merges nothing.
 CURVE_THRESHOLDS = tuple(round(float(t), 3) for t in np.linspace(0.55, 1.0, 10))
 
@@ -34,6 +36,8 @@ class Analysis:
     disagreement: np.ndarray
     legend: np.ndarray
     readout: dict[str, Any]
+    mean_colors: np.ndarray
+    ground_truth: np.ndarray | None = None
 
 
 def _percent(part: float, whole: float) -> float:
@@ -50,6 +54,8 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
     disagreement, changed = render.disagreement_map(image, base.prediction, algm.prediction)
     agreement, _ = session.agreement(algm.prediction)
     present = np.union1d(np.unique(base.prediction), np.unique(algm.prediction))
+    if session.label is not None:
+        present = np.union1d(present, np.unique(session.label[session.label < entry.model.num_classes]))
     tokens = maps.tokens
     readout: dict[str, Any] = {
         "model": entry.label,
@@ -84,8 +90,10 @@ def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True)
         baseline_overlay=render.segmentation_overlay(image, base.prediction, entry.colors),
         algm_overlay=render.segmentation_overlay(image, algm.prediction, entry.colors),
         disagreement=disagreement,
-        legend=render.legend(entry.class_names, entry.colors, present),
+        legend=render.legend(entry.class_names, entry.colors, present, width=LEGEND_WIDTH, column_width=LEGEND_WIDTH),
         readout=readout,
+        mean_colors=render.mean_color_view(image, maps.final_groups, p),
+        ground_truth=None if session.label is None else render.segmentation_overlay(image, session.label, entry.colors),
     )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..models import KNOWN_MODELS, CheckpointError, Segmenter, create_segmenter, load_segmenter
+from ..models.ade20k import ADE20K_CLASSES
 from ..models.variant import DEFAULT_LIMITS, ModelLimits
 from ..patch import default_thresholds
 from ..render import group_colors
@@ -267,7 +268,8 @@ class ModelRegistry:
                                int(model.input_short_side), trained=True, sweep_rows=rows)
         if kind == "official" and name in KNOWN_MODELS:
             model = load_segmenter(name)
-            names = tuple(f"class {i}" for i in range(model.num_classes))
+            ade20k = KNOWN_MODELS[name].get("dataset") == "ade20k" and model.num_classes == len(ADE20K_CLASSES)
+            names = ADE20K_CLASSES if ade20k else tuple(f"class {i}" for i in range(model.num_classes))
             return self._entry(key, name, model, names, None, self.default_short_side, trained=True)
         if kind == "path" and name:
             if not (self.allow_paths or key in self._added):

@@ -43,7 +43,30 @@ __all__ = ["Handlers", "PictureFiles", "build_demo", "ImageInput", "EXAMPLES_DIR
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
-PANEL_HEIGHT = 380  # px, the four image panels
+PANEL_HEIGHT = 380  # px, the image panels
+#: Rows with this class stack their items in one column on a narrow screen (see :data:`APP_CSS`).
+STACK = ["stack-narrow"]
+#: The page's CSS (pass it to ``launch(css=...)``): under 700 px every row of the page is one column.
+APP_CSS = """
+@media (max-width: 700px) {
+  .stack-narrow { flex-direction: column !important; flex-wrap: nowrap !important; }
+  .stack-narrow > * { width: 100% !important; max-width: 100% !important; min-width: 0 !important; flex: 1 1 auto !important; }
+}
+"""
+#: GBM's limit, stated at its slider.
+GBM_CAP = ("GBM pairs tokens A→B (alternate tokens), so at most half of its input tokens merge in one step: "
+           "below some τ lowering it changes nothing")
+#: "How to read this", in a few lines.
+HOW_TO_READ = """* **Tokens N → N′ → N″**: patches, after CLAP (layer 1), after GBM (the GBM layer). Fewer tokens = less compute.
+* **CLAP panel**: a yellow square is a k×k window whose tokens became one. **GBM panel**: tokens of one colour became
+  one token, even when they lie apart; clear areas were not merged by GBM. **Superpixel panel**: each final token
+  painted in the mean colour of the pixels it holds: what the later layers see.
+* **Segmentation**: drag the divider to compare the baseline (left) with ALGM (right); the legend lists the classes
+  shown. **Red panel**: pixels whose class changed. **Ground truth**: your label map, when you give one.
+* **Agreement mIoU**: how closely ALGM's segmentation matches the baseline's (100 % = identical); with a label map,
+  also the real mIoU of both. **Latency**: medians of interleaved runs, as `algm-viz bench` measures.
+* **τ curves**: one stage's τ varied with the other at its slider; the star is the current setting.
+"""
 _USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImageError, WorkStopped)
 
 
@@ -178,8 +201,8 @@ class Handlers:
         auto = entry.auto_thresholds
         tau_min = min(0.5, auto["local"], auto["global"])
         return (
-            gr.Slider(minimum=tau_min, maximum=1.0, value=auto["local"]),
-            gr.Slider(minimum=tau_min, maximum=1.0, value=auto["global"]),
+            gr.Slider(minimum=tau_min, maximum=1.0, value=round(auto["local"], 3)),
+            gr.Slider(minimum=tau_min, maximum=1.0, value=round(auto["global"], 3)),
             gr.Slider(minimum=1, maximum=entry.depth, value=min(5, entry.depth)),
             text,
             gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), visible=entry.sweep_rows is not None),
@@ -253,16 +276,18 @@ class Handlers:
     @user_errors
     def analyze(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
                 window: int, global_layer: int, prop_attn: bool = False, official: bool = False):
-        """-> (CLAP overlay, GBM overlay, (baseline, ALGM) segmentation, disagreement, legend, readout Markdown, readout dict)."""
+        """-> (CLAP overlay, GBM overlay, (baseline, ALGM) segmentation, disagreement, legend, readout Markdown,
+        readout dict, tokens in their mean colours, ground truth or None)."""
         if not image:
-            return None, None, None, None, None, "Upload an image or pick an example.", None
+            return None, None, None, None, None, "Upload an image or pick an example.", None, None, None
         settings = self.settings(local_tau, global_tau, window, global_layer, prop_attn, official)
         with self.gate.interactive():
             session = self._session(model, image, label)
             result = analysis.analyze(session, settings, self.with_gflops)
         save = self.pictures.save
         return (save(result.local_overlay), save(result.global_overlay), (save(result.baseline_overlay), save(result.algm_overlay)),
-                save(result.disagreement), save(result.legend), analysis.readout_markdown(result.readout), result.readout)
+                save(result.disagreement), save(result.legend), analysis.readout_markdown(result.readout), result.readout,
+                save(result.mean_colors), None if result.ground_truth is None else save(result.ground_truth))
 
     @user_errors
     def curve(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
@@ -396,15 +421,19 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
     with gr.Blocks(title="ALGM token merging", delete_cache=delete_cache) as demo:
         gr.Markdown("# ALGM: see token merging in a segmentation ViT\n"
                     "Adaptive Local-then-Global Merging (CVPR 2024): CLAP merges similar k×k windows in layer 1, "
-                    "GBM merges similar tokens anywhere in a later layer. Upload an image, then drag τ.")
-        with gr.Row():
-            model = gr.Dropdown(choices=handlers.registry.choices(), value=default, label="Model", scale=3,
-                                allow_custom_value=True)  # API: any registry key, e.g. "path:<folder>"
-            checkpoint_path = gr.Textbox(label="…or a local checkpoint folder (official Segmenter format)", scale=2)
-            checkpoint_files = gr.File(label="…or upload checkpoint.pth + variant.yml", file_count="multiple",
-                                       file_types=[".pth", ".yml", ".yaml"], scale=2)
+                    "GBM merges similar tokens anywhere in a later layer. Pick an example or upload an image, then drag τ.")
+        with gr.Accordion("How to read this", open=False, elem_id="how-to-read"):
+            gr.Markdown(HOW_TO_READ)
+        model = gr.Dropdown(choices=handlers.registry.choices(), value=default, label="Model",
+                            allow_custom_value=True)  # API: any registry key, e.g. "path:<folder>"
+        with gr.Accordion("Your own checkpoint (official Segmenter format: checkpoint.pth + variant.yml)", open=False,
+                          elem_id="checkpoint-inputs"):
+            with gr.Row(elem_classes=STACK):
+                checkpoint_path = gr.Textbox(label="A checkpoint folder on this server", placeholder="/models/seg_tiny_mask")
+                checkpoint_files = gr.File(label="…or upload checkpoint.pth + variant.yml", file_count="multiple",
+                                           file_types=[".pth", ".yml", ".yaml"])
         model_status = gr.Markdown(status)
-        with gr.Row():
+        with gr.Row(elem_classes=STACK):
             image = ImageInput(type="filepath", image_mode=None, sources=["upload", "clipboard"], height=320,
                                label=f"Image (resized to the model's short side; long side ≤ {handlers.sessions.max_side}px)",
                                elem_id="input-image", value=first[0])
@@ -417,16 +446,17 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                 if photos:
                     gr.Examples(examples=photos, inputs=[image, label], elem_id="photo-examples",
                                 label="Photos outside the CamVid model's training domain (public domain)")
-        with gr.Row():
-            local_tau = NumberSlider(min(0.5, auto["local"]), 1.0, value=auto["local"], step=0.005, label="τ local (CLAP)",
-                                  elem_id="tau-local")
-            global_tau = NumberSlider(min(0.5, auto["global"]), 1.0, value=auto["global"], step=0.005, label="τ global (GBM)",
-                                   elem_id="tau-global")
+        with gr.Row(elem_classes=STACK):
+            local_tau = NumberSlider(min(0.5, auto["local"]), 1.0, value=round(auto["local"], 3), step=0.005,
+                                     label="τ local (CLAP)", elem_id="tau-local",
+                                     info="a k×k window merges when its tokens' mean cosine similarity is above τ")
+            global_tau = NumberSlider(min(0.5, auto["global"]), 1.0, value=round(auto["global"], 3), step=0.005,
+                                      label="τ global (GBM)", elem_id="tau-global", info=GBM_CAP)
             global_official = gr.Checkbox(False, label="τ global: official (online)", elem_id="tau-global-official",
                                           info="as the official ALGM code: GBM's τ = mean + std / layer of each "
                                                "image's best-edge similarities (the slider is ignored)")
             auto_button = gr.Button("τ = auto (μ+σ)", scale=0)
-        with gr.Row():
+        with gr.Row(elem_classes=STACK):
             window = gr.Radio(entry.windows(), value=min(2, entry.windows()[-1]), label="CLAP window k×k (1 = no local merging)")
             global_layer = NumberSlider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
             prop_attn = gr.Checkbox(False, label="Proportional attention", elem_id="prop-attn",
@@ -434,15 +464,23 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                          "off = the paper's code")
         readout = gr.Markdown(elem_id="readout")
         panel = {"format": "png", "height": PANEL_HEIGHT}
-        with gr.Row(equal_height=True):
-            local_image = gr.Image(label="Local merging (CLAP): merged windows", elem_id="local-overlay", **panel)
-            global_image = gr.Image(label="Global merging (GBM): one colour per group, unmerged clear",
-                                    elem_id="global-overlay", **panel)
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_classes=STACK):
+            local_image = gr.Image(label="CLAP: yellow = a k×k window merged into one token (white outline)",
+                                   elem_id="local-overlay", **panel)
+            global_image = gr.Image(label="GBM: one colour per merged group (may be far apart; black outline), "
+                                          "clear = not merged by GBM", elem_id="global-overlay", **panel)
+            mean_image = gr.Image(label="Tokens as superpixels: each final token in its mean colour",
+                                  elem_id="mean-colors", **panel)
+        with gr.Row(equal_height=True, elem_classes=STACK):
             segmentation = gr.ImageSlider(label="Segmentation: baseline ⟷ ALGM (drag the divider)", format="png",
-                                          max_height=PANEL_HEIGHT, elem_id="segmentation")
-            disagreement = gr.Image(label="Where ALGM and the baseline disagree (red)", elem_id="disagreement", **panel)
-        legend = gr.Image(label="Classes", format="png", height=90, show_label=True)
+                                          max_height=PANEL_HEIGHT, elem_id="segmentation", scale=3)
+            legend = gr.Image(label="Classes", format="png", height=PANEL_HEIGHT, elem_id="legend", scale=1,
+                              min_width=160)
+        with gr.Row(equal_height=True, elem_classes=STACK):
+            disagreement = gr.Image(label="Red: pixels where ALGM and the baseline disagree (the rest dimmed)",
+                                    elem_id="disagreement", **panel)
+            ground_truth = gr.Image(label="Ground truth: your label map in the class colours (black = ignored)",
+                                    elem_id="ground-truth", **panel)
         curve_plot = gr.Plot(label="This image: τ curve", elem_id="curve-plot")
         dataset_plot = gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), label="Data set: τ curve",
                                visible=entry.sweep_rows is not None)
@@ -456,11 +494,11 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
             compare_methods_box = MethodChoices([(METHODS[m].label, m) for m in METHODS],
                                                    value=["algm", "tome", "pool2d", "grid", "kv_grid", "cts"],
                                                    label="Methods")
-            with gr.Row():
+            with gr.Row(elem_classes=STACK):
                 map_a = gr.Textbox("algm:0.9", label="Merge map A (method:value)")
                 map_b = gr.Textbox("tome:8", label="Merge map B (method:value)")
                 compare_button = gr.Button("Compare", variant="primary", scale=0)
-            with gr.Row():
+            with gr.Row(elem_classes=STACK):
                 pareto_gflops = gr.Plot(label="Quality against GFLOPs")
                 pareto_speed = gr.Plot(label="Quality against throughput")
             compare_maps = gr.Image(label="Final merge groups: A | B", format="png", elem_id="compare-maps")
@@ -472,7 +510,8 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         inputs = [model, image, label, local_tau, global_tau, window, global_layer, prop_attn]
         algm_inputs = [*inputs, global_official]  # the analysis endpoints also take the official-τ switch
         model_outputs = [local_tau, global_tau, global_layer, model_status, dataset_plot]
-        view_outputs = [local_image, global_image, segmentation, disagreement, legend, readout, readout_json]
+        view_outputs = [local_image, global_image, segmentation, disagreement, legend, readout, readout_json, mean_image,
+                        ground_truth]
 
         def chain(event: Any, public: bool = False) -> None:
             """After ``event``: the τ curve, then the attention balance (named endpoints once)."""
@@ -502,7 +541,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         switch_model(picked, public=True)
         switch_model(gr.on([checkpoint_path.submit, checkpoint_files.upload], handlers.load_checkpoint,
                            [checkpoint_path, checkpoint_files], [model], api_name="load_checkpoint", **work))
-        chain(auto_button.click(lambda m: tuple(handlers.registry.get(m).auto_thresholds[k] for k in ("local", "global")),
+        chain(auto_button.click(lambda m: tuple(round(handlers.registry.get(m).auto_thresholds[k], 3) for k in ("local", "global")),
                                 [model], [local_tau, global_tau], api_visibility="private")
               .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
         export_button.click(on_gpu["export"](handlers.export), algm_inputs, [export_files], api_name="export", **work)

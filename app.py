@@ -19,7 +19,7 @@ import torch
 from algm_viz.app import build_demo
 from algm_viz.app.files import exit_on_sigterm
 from algm_viz.app.models import ALLOW_SERVER_PATHS_ENV, MAX_UPLOAD_BYTES, ModelRegistry, server_paths_allowed
-from algm_viz.app.ui import Handlers
+from algm_viz.app.ui import APP_CSS, Handlers
 
 
 def _parse_args() -> argparse.Namespace:
@@ -46,4 +46,4 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     registry = ModelRegistry(allow_paths=server_paths_allowed(args.host, args.share, args.allow_server_paths))
     build_demo(Handlers(registry)).queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                             mcp_server=args.mcp, max_file_size=MAX_UPLOAD_BYTES)
+                                                             mcp_server=args.mcp, max_file_size=MAX_UPLOAD_BYTES, css=APP_CSS)

@@ -22,6 +22,7 @@ from ..datasets import IGNORE_INDEX
 from ..evaluation.balance import attention_balance
 from ..evaluation.metrics import confusion_matrix, miou
 from ..flops import count_gflops
+from ..inspector import TokenCapture, capture_tokens
 from ..patch import ONLINE, MergeRecord, algm_state, apply_algm, remove_algm
 from ..preprocess import ImageError, check_label, normalize, to_rgb_uint8
 from ..timing import Timing, time_once, timed
@@ -157,11 +158,13 @@ class MergeMaps:
 
 @dataclass(frozen=True)
 class ForwardResult:
-    """One forward: ``prediction`` ``[H, W]`` int16 class ids, wall-clock ``latency_s``, merges (ALGM only)."""
+    """One forward: ``prediction`` ``[H, W]`` int16 class ids, wall-clock ``latency_s``, merges (ALGM only),
+    and what the token inspector reads (:class:`~algm_viz.inspector.TokenCapture`)."""
 
     prediction: np.ndarray
     latency_s: float
     maps: MergeMaps | None
+    capture: TokenCapture | None = None
 
 
 def _configure(entry: ModelEntry, settings: Settings | None) -> None:
@@ -175,13 +178,15 @@ def _configure(entry: ModelEntry, settings: Settings | None) -> None:
 
 def run_forward(entry: ModelEntry, images: torch.Tensor, settings: Settings | None) -> ForwardResult:
     """Timed forward of ``images`` ``[1, 3, H, W]`` (baseline when ``settings`` is None)."""
+    layers = () if settings is None else (settings.local_layer, settings.global_layer)
     with entry.lock, torch.inference_mode():
         _configure(entry, settings)
-        logits, latency = timed(lambda: entry.model(images), images.device)
+        with capture_tokens(entry.model, layers, attention_layer=entry.depth) as capture:
+            logits, latency = timed(lambda: entry.model(images), images.device)
         state = algm_state(entry.model)
         maps = MergeMaps.from_record(state.record) if settings is not None else None
     prediction = logits.argmax(1)[0].to(torch.int16).cpu().numpy()
-    return ForwardResult(prediction, latency, maps)
+    return ForwardResult(prediction, latency, maps, capture)
 
 
 def run_gflops(entry: ModelEntry, images: torch.Tensor, settings: Settings | None) -> float:
@@ -248,6 +253,7 @@ class ImageSession:
                  max_side: int = 1024, cache_size: int = 32) -> None:
         self.entry = entry
         original = to_rgb_uint8(image)
+        self.original_shape: tuple[int, int] = original.shape[:2]
         self.image = resize_for_model(original, entry.short_side, max_side, entry.patch_size)
         self.label = None
         self.label_note: str | None = None

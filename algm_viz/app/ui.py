@@ -1,7 +1,7 @@
 """The Gradio Blocks: layout, event wiring and the named API endpoints.
 
 Endpoints (``gradio_client``): ``/select_model``, ``/load_checkpoint``, ``/analyze``, ``/curve``,
-``/balance``, ``/export``, ``/compare``. Model work runs in one concurrency group (``"gpu"``), comparisons in
+``/balance``, ``/export``, ``/compare``, ``/inspect`` (the token inspector, :mod:`.inspector_ui`). Model work runs in one concurrency group (``"gpu"``), comparisons in
 their own (``"long"``: one configuration at a time, after any waiting interactive request) and, on a ZeroGPU
 Space, under ``spaces.GPU``. Bad input raises ``gr.Error`` with the reason (wrongly typed API values too:
 :mod:`.components`); the server keeps serving.
@@ -34,6 +34,7 @@ from .components import LabelFile, MethodChoices, NumberSlider, checked_payload
 from .files import PictureFiles, TempFolders, make_temp_dir, prune_uploads, remove_stale, upload_root
 from .longjobs import Budget, PriorityGate, WorkStopped, client_gone
 from .gpu import forward_budget, gpu, image_pixels
+from .inspector_ui import InspectorPanel
 from .models import ModelEntry, ModelRegistry
 from .inputs import read_image_file, read_label_file
 from .session import LRU, ImageSession, SessionCache, Settings
@@ -481,6 +482,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                     elem_id="disagreement", **panel)
             ground_truth = gr.Image(label="Ground truth: your label map in the class colours (black = ignored)",
                                     elem_id="ground-truth", **panel)
+        inspector_panel = InspectorPanel(handlers, PANEL_HEIGHT)
         curve_plot = gr.Plot(label="This image: τ curve", elem_id="curve-plot")
         dataset_plot = gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), label="Data set: τ curve",
                                visible=entry.sweep_rows is not None)
@@ -524,6 +526,8 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
         chain(demo.load(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
+        inspector_panel.wire(inputs, image, [local_image, global_image], [label.change, local_tau.release, global_tau.release,
+                             window.change, global_layer.release, prop_attn.change], work)
         current_model = gr.State(default)  # the model whose controls and results the page shows
 
         def switch_model(event: Any, public: bool = False) -> None:

@@ -11,11 +11,14 @@ the ``algm.*`` ranges.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import platform
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -55,13 +58,30 @@ def image_batch(path: str, batch: int, height: int, width: int, mean_std: tuple)
     return normalize(image, *mean_std).expand(batch, -1, -1, -1).contiguous()
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Point file descriptor 2 at the null device for the duration: the profiler's native code writes
+    ``profiler_start``/``profiler_stop`` lines there that no log level turns off. Python exceptions still
+    propagate; anything else written to stderr meanwhile is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def engine_ms(model: nn.Module, images: torch.Tensor, forwards: int = 3) -> float:
     """Milliseconds per forward spent inside the ``algm.*`` profiler ranges (mean of ``forwards``)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     on_cuda = images.device.type == "cuda"
     if on_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
+    with _quiet_native_stderr(), torch.profiler.profile(activities=activities) as profiler:
         for _ in range(forwards):
             model(images)
         synchronize(images.device)

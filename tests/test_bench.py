@@ -68,3 +68,12 @@ def test_bench_auto_runs_the_models_calibrated_pair(capsys, tmp_path):
     assert rows["auto"]["tokens"]["global"] < rows["auto"]["tokens"]["local"]
     with pytest.raises(SystemExit):
         main(["bench", "--taus", "often"])
+
+
+def test_bench_keeps_stderr_quiet(capfd):
+    """The profiler's native profiler_start/profiler_stop lines (written to file descriptor 2) are not shown."""
+    assert main(["bench", "--backbone", "vit_tiny_patch16_384", "--num-classes", "3", "--size", "32", "--repeats", "1",
+                 "--warmup", "0", "--taus", "0.9"]) == 0
+    captured = capfd.readouterr()
+    assert "profiler_" not in captured.err and "USDT" not in captured.err, captured.err
+    assert json.loads(captured.out)["results"][1]["engine_ms"] > 0

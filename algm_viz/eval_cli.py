@@ -23,6 +23,7 @@ from .evaluation.balance import aggregate_balance, attention_balance
 from .evaluation.calibrate import calibrate, store_thresholds
 from .evaluation.distributed import setup, teardown
 from .evaluation.inference import DTYPES, default_short_side, merging_disabled, prepare
+from .evaluation.purity import purity_analysis
 from .evaluation.similarity import similarity_analysis
 from .evaluation.sweep import SweepConfig, available_methods, parse_taus, sweep
 from .plots import balance_figure, pareto_figure, rows_to_csv, similarity_figure, threshold_figure, write_html
@@ -180,6 +181,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _purity_taus(text: str) -> list[float]:
+    """``--purity-taus``: numbers only (one τ for both stages)."""
+    taus = parse_taus(text)
+    if any(isinstance(tau, str) for tau in taus):
+        raise ValueError(f"--purity-taus takes numbers (start:stop:step or a,b,c), got {text!r}")
+    return taus
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     device = torch.device(args.device)
@@ -190,6 +199,18 @@ def run_analyze(args: argparse.Namespace) -> int:
         local_layer=args.local_layer, layers=_int_list(args.layers) if args.layers else None,
         short_side=args.short_side or default_short_side(model), device=device, progress=True, total=len(indices),
     )
+    if args.purity_taus:
+        result["purity"] = purity_analysis(
+            model, (dataset[i] for i in indices), dataset.num_classes, _purity_taus(args.purity_taus),
+            local_layer=args.local_layer, global_layer=args.global_layer, window=args.window,
+            short_side=args.short_side or default_short_side(model), device=device, class_names=dataset.class_names,
+            progress=True, total=len(indices),
+        )
+        for row in result["purity"]["rows"]:
+            stages, changes = row["stages"], row["attribution"]
+            log.info("τ %.3f: mixed groups %s; changed pixels in mixed groups %.1f %% (all pixels %.1f %%)", row["tau"],
+                     ", ".join(f"{name} {100 * stage['mixed_group_share']:.1f} %" for name, stage in stages.items()),
+                     100 * changes["changed_in_mixed_share"], 100 * changes["pixels_in_mixed_share"])
     _write_json(result, args.out)
     write_html([similarity_figure(result)], args.out.with_suffix(".html"), title="algm-viz similarity analysis")
     return 0
@@ -256,6 +277,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--local-layer", type=int, default=1, help="layer of the window analysis")
     p.add_argument("--windows", default="2:8", help="window sizes k, from:to or a,b")
     p.add_argument("--layers", help="layers of the global analysis, e.g. 1:12 (None: all)")
+    p.add_argument("--purity-taus", metavar="TAUS",
+                   help="also measure merge purity and error attribution of ALGM at these τ (both stages; "
+                        "start:stop:step or a,b,c), into the JSON's 'purity' (None: skip)")
+    p.add_argument("--global-layer", type=int, default=5, help="GBM layer of the purity runs, 1-based")
+    p.add_argument("--window", type=_window, default="2", help="CLAP window of the purity runs, k or kh,kw")
     p.add_argument("--out", type=Path, default=Path("similarity.json"), help="JSON out; .html written beside it")
     p.set_defaults(run=run_analyze)
 

@@ -25,6 +25,7 @@ __all__ = [
     "disagreement_map",
     "legend",
     "inspector_overlay",
+    "purity_overlay",
 ]
 
 RGB = tuple[int, int, int]
@@ -264,4 +265,27 @@ def inspector_overlay(
                         (upsample_grid(clicked, patch_size, shape), patch_color)):
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, color, 2)
+    return out
+
+
+def purity_overlay(
+    image: np.ndarray,
+    merged: np.ndarray,
+    mixed: np.ndarray,
+    groups: np.ndarray,
+    patch_size: int,
+    pure_color: RGB = (40, 200, 90),
+    mixed_color: RGB = (255, 0, 40),
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Merge purity: merged groups that keep one class tinted ``pure_color``, groups that mix classes
+    ``mixed_color``, unmerged patches clear, group outlines dark. ``merged``, ``mixed``: ``[gh, gw]`` bool
+    per patch; ``groups``: ``[gh, gw]`` group ids. Returns ``[H, W, 3]`` uint8."""
+    image = _check_image(image)
+    shape = image.shape[:2]
+    pixel_mixed = upsample_grid(np.asarray(mixed, dtype=bool), patch_size, shape)
+    pixel_merged = upsample_grid(np.asarray(merged, dtype=bool), patch_size, shape)
+    layer = np.where(pixel_mixed[..., None], np.array(mixed_color, np.uint8), np.array(pure_color, np.uint8))
+    out = _blend(image, layer, pixel_merged, alpha)
+    out[label_edges(upsample_grid(np.asarray(groups), patch_size, shape)) & pixel_merged] = (0, 0, 0)
     return out

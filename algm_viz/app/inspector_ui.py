@@ -6,6 +6,8 @@ pixels goes to two hidden numbers, then ``/inspect`` draws the patch's CLAP wind
 similarity maps at the CLAP and GBM layers, its attention baseline beside ALGM, and the readout.
 ``/inspect`` takes (model, image, label, τ local, τ global, window, GBM layer, proportional attention,
 x, y) with ``(x, y)`` in pixels of the model input (the frame of every picture the app returns).
+``/purity`` (the same inputs without the point) answers merge purity and error attribution for the image
+(:mod:`.purity`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import gradio as gr
 import numpy as np
 
 from . import inspector
+from . import purity as purity_view
 from .gpu import forward_budget, gpu, image_pixels
 
 __all__ = ["InspectorPanel"]
@@ -37,7 +40,9 @@ class InspectorPanel:
                         "patch (red), its CLAP window (yellow) and its final merge group (cyan, the rest dimmed). "
                         "The similarity maps show how alike its token is to every patch's token where CLAP and GBM "
                         "compare them (inside the white line a token is above τ); the attention maps show where it "
-                        "looks in the last encoder layer, without and with merging.")
+                        "looks in the last encoder layer, without and with merging. Merge purity (below): which merged "
+                        "groups mix classes (label map, else the baseline prediction) and how many of the pixels "
+                        "merging changed lie in them.")
             with gr.Row(equal_height=True):
                 self.picture = gr.Image(label="Inspected patch, its CLAP window and merge group", format="png",
                                         height=height, interactive=False, elem_id="inspector-image")
@@ -45,6 +50,12 @@ class InspectorPanel:
             with gr.Row():
                 self.similarity = gr.Plot(label="Similarity to the clicked token", elem_id="inspector-similarity")
                 self.attention = gr.Plot(label="Attention of the clicked patch", elem_id="inspector-attention")
+            with gr.Row(equal_height=True):
+                self.purity_picture = gr.Image(label="Merge purity: final groups that mix classes (red), pure merged "
+                                                     "groups (green)", format="png", height=height, interactive=False,
+                                               elem_id="purity-image")
+                self.purity_readout = gr.Markdown(elem_id="purity-readout")
+            self.purity_json = gr.JSON(label="Merge purity (JSON)", visible=False)
             self.x = gr.Number(None, label="x (model-input pixels)", visible=False, elem_id="inspector-x")
             self.y = gr.Number(None, label="y (model-input pixels)", visible=False, elem_id="inspector-y")
             self.readout_json = gr.JSON(label="Inspector readout (JSON)", visible=False)
@@ -66,6 +77,20 @@ class InspectorPanel:
             raise gr.Error(str(error)) from error
         return (self.handlers.pictures.save(view.picture), view.similarity, view.attention,
                 inspector.readout_markdown(view.readout), view.readout)
+
+    def purity(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
+               window: int, global_layer: int, prop_attn: bool):
+        """-> (map of mixed and pure merged groups, purity readout Markdown, purity summary dict)."""
+        if not image:
+            return None, "", None
+        session = self._session(model, image, label)
+        try:
+            picture, summary = purity_view.purity(
+                session, self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn))
+        except ValueError as error:
+            logger.info("purity refused: %s", error)
+            raise gr.Error(str(error)) from error
+        return self.handlers.pictures.save(picture), purity_view.purity_markdown(summary), summary
 
     def refresh(self, *args: Any):
         """After a new setting: inspect the same point again; nothing to do before the first click."""
@@ -114,4 +139,7 @@ class InspectorPanel:
         image.change(lambda: (None, None, None, None, None, HINT, None), None, [*point, *self.outputs],
                      api_visibility="private")
         gr.on(list(triggers), on_gpu(self.refresh), [*inputs, *point], self.outputs, api_visibility="private",
+              trigger_mode="always_last", **work)
+        gr.on([image.change, *triggers], on_gpu(self.purity), list(inputs),
+              [self.purity_picture, self.purity_readout, self.purity_json], api_name="purity",
               trigger_mode="always_last", **work)

@@ -1,5 +1,5 @@
 """The token inspector in a real headless Chromium: click a patch, see its group outlined and the readout change;
-and the ``/inspect`` endpoint through ``gradio_client``."""
+and the ``/inspect``, ``/animate`` and ``/purity`` endpoints through ``gradio_client``."""
 
 import os
 import re
@@ -45,6 +45,12 @@ def test_inspect_endpoint_through_gradio_client(url):
     assert readout["patch"]["row"] == 30 // 8 and readout["patch"]["col"] == 20 // 8
     assert readout["group"]["patches"] == len(readout["group"]["cells"]) >= 1
     assert len(readout["similarity"]["CLAP"]) == readout["grid"][0]
+    files = client.predict("untrained", client_module.handle_file(str(IMAGE)), None, 0.6, 0.6, 2, 3, False,
+                           api_name="/animate")
+    assert any(str(f).endswith(".gif") for f in files)
+    summary = client.predict("untrained", client_module.handle_file(str(IMAGE)), None, 0.6, 0.6, 2, 3, False,
+                             api_name="/purity")[2]
+    assert summary["classes_from"].startswith("baseline prediction") and "global" in summary["stages"]
     with pytest.raises(Exception, match="outside"):
         client.predict("untrained", client_module.handle_file(str(IMAGE)), None, 0.6, 0.6, 2, 3, False, 10_000, 3,
                        api_name="/inspect")

@@ -7,7 +7,7 @@ similarity maps at the CLAP and GBM layers, its attention baseline beside ALGM, 
 ``/inspect`` takes (model, image, label, τ local, τ global, window, GBM layer, proportional attention,
 x, y) with ``(x, y)`` in pixels of the model input (the frame of every picture the app returns).
 ``/purity`` (the same inputs without the point) answers merge purity and error attribution for the image
-(:mod:`.purity`).
+(:mod:`.purity`); ``/animate`` (the same inputs) writes the τ animation (:mod:`.animation`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from . import inspector
 from . import purity as purity_view
+from .animation import tau_animation
 from .gpu import forward_budget, gpu, image_pixels
 
 __all__ = ["InspectorPanel"]
@@ -56,6 +57,11 @@ class InspectorPanel:
                                                elem_id="purity-image")
                 self.purity_readout = gr.Markdown(elem_id="purity-readout")
             self.purity_json = gr.JSON(label="Merge purity (JSON)", visible=False)
+            with gr.Row():
+                self.animate_button = gr.Button("Export the τ animation (GIF, and MP4 where the codec exists)", scale=0)
+                self.animation_files = gr.File(label="τ animation: merge groups and segmentation as τ falls "
+                                                     "(the τ curve's values, both stages)", file_count="multiple",
+                                               elem_id="animation-files")
             self.x = gr.Number(None, label="x (model-input pixels)", visible=False, elem_id="inspector-x")
             self.y = gr.Number(None, label="y (model-input pixels)", visible=False, elem_id="inspector-y")
             self.readout_json = gr.JSON(label="Inspector readout (JSON)", visible=False)
@@ -91,6 +97,20 @@ class InspectorPanel:
             logger.info("purity refused: %s", error)
             raise gr.Error(str(error)) from error
         return self.handlers.pictures.save(picture), purity_view.purity_markdown(summary), summary
+
+    def animate(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
+                window: int, global_layer: int, prop_attn: bool) -> list[str]:
+        """-> paths of the τ animation (GIF, MP4 where OpenCV has the codec) over the τ curve's values."""
+        if not image:
+            raise gr.Error("upload an image (or pick an example) first")
+        session = self._session(model, image, label)
+        try:
+            paths = tau_animation(session, self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn),
+                                  self.handlers.thresholds, self.handlers.exports.new())
+        except ValueError as error:
+            logger.info("animation refused: %s", error)
+            raise gr.Error(str(error)) from error
+        return [str(path) for path in paths]
 
     def refresh(self, *args: Any):
         """After a new setting: inspect the same point again; nothing to do before the first click."""
@@ -140,6 +160,9 @@ class InspectorPanel:
                      api_visibility="private")
         gr.on(list(triggers), on_gpu(self.refresh), [*inputs, *point], self.outputs, api_visibility="private",
               trigger_mode="always_last", **work)
+        animate_gpu = gpu(lambda model, image, *rest: forward_budget(len(self.handlers.thresholds), image_pixels(image)))
+        self.animate_button.click(animate_gpu(self.animate), list(inputs), [self.animation_files], api_name="animate",
+                                  **work)
         gr.on([image.change, *triggers], on_gpu(self.purity), list(inputs),
               [self.purity_picture, self.purity_readout, self.purity_json], api_name="purity",
               trigger_mode="always_last", **work)

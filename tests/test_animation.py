@@ -1,0 +1,68 @@
+"""τ animations: captioned frames, GIF and MP4 written and read back, bounds and bad frames refused."""
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from algm_viz import render
+from algm_viz.animation import MAX_FRAMES, caption_frame, write_gif, write_mp4
+from algm_viz.app.animation import tau_animation, tau_frames
+from algm_viz.app.models import ModelRegistry
+from algm_viz.app.session import ImageSession, Settings
+
+TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
+
+
+def scene() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[:30] = (200, 60, 40)
+    image[30:, :30] = (30, 180, 60)
+    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def session():
+    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    return ImageSession(registry.get(registry.default_key()), scene())
+
+
+def test_frames_follow_tau_from_high_to_low_with_their_token_counts(session):
+    settings = Settings(0.9, 0.9, 2, 3)
+    frames = tau_frames(session, settings, [0.5, 1.0, 0.8])
+    assert len(frames) == 3 and len({f.shape for f in frames}) == 1
+    height, width = session.image.shape[:2]
+    assert frames[0].shape[0] > height and frames[0].shape[1] > 2 * width, "caption band above two panels"
+    kept = [session.algm(Settings(t, t, 2, 3)).maps.tokens["global"] for t in (1.0, 0.8, 0.5)]
+    assert kept[0] == session.num_patches and kept[0] >= kept[1] >= kept[2]
+    first = session.algm(Settings(1.0, 1.0, 2, 3))
+    expected = render.group_overlay(session.image, first.maps.final_groups, first.maps.global_merged, 8)
+    np.testing.assert_array_equal(frames[0][-height:, :width], expected)  # highest τ first, its merge map unscaled
+    assert not np.array_equal(frames[0][:20], frames[2][:20]), "each frame has its own caption"
+    with pytest.raises(ValueError, match="1..64"):
+        tau_frames(session, settings, [])
+
+
+def test_gif_and_mp4_hold_every_frame(session, tmp_path):
+    paths = tau_animation(session, Settings(0.9, 0.9, 2, 3), [1.0, 0.7, 0.5], tmp_path)
+    with Image.open(paths[0]) as gif:
+        assert gif.n_frames == 3 and gif.info["loop"] == 0
+    if len(paths) == 2:
+        video = cv2.VideoCapture(str(paths[1]))
+        assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+        ok, frame = video.read()
+        assert ok and frame.shape[0] % 2 == 0 and frame.shape[1] % 2 == 0
+        video.release()
+
+
+def test_bad_frames_are_refused(tmp_path):
+    frame = np.zeros((10, 12, 3), np.uint8)
+    with pytest.raises(ValueError, match="1..64"):
+        write_gif([frame] * (MAX_FRAMES + 1), tmp_path / "a.gif")
+    with pytest.raises(ValueError, match="same shape"):
+        write_gif([frame, frame[:5]], tmp_path / "a.gif")
+    with pytest.raises(ValueError, match="one height"):
+        caption_frame([frame, np.zeros((11, 12, 3), np.uint8)], "x")
+    mp4 = write_mp4([np.zeros((9, 13, 3), np.uint8)] * 2, tmp_path / "odd.mp4")
+    assert mp4 is None or mp4.stat().st_size > 0

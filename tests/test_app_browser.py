@@ -1,4 +1,5 @@
-"""End to end in a real headless Chromium: upload an image, release the τ slider, see everything change."""
+"""End to end in a real headless Chromium: the page opens with results, an upload and a τ release change
+everything, a model that fails to load leaves the page usable, and at 400 px nothing overlaps."""
 
 import os
 import socket
@@ -15,7 +16,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from algm_viz.app.models import ModelRegistry  # noqa: E402
 from algm_viz.app.session import SessionCache  # noqa: E402
-from algm_viz.app.ui import EXAMPLES_DIR, Handlers, build_demo  # noqa: E402
+from algm_viz.app.ui import APP_CSS, EXAMPLES_DIR, Handlers, build_demo  # noqa: E402
+from algm_viz.models import KNOWN_MODELS  # noqa: E402
 
 TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,14 +32,111 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url():
-    registry = ModelRegistry(device="cpu", default_short_side=128, untrained=TINY, include_bundled=False)
-    handlers = Handlers(registry, SessionCache(max_side=256), thresholds=(0.6, 0.8, 1.0))
-    demo = build_demo(handlers).queue()
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+def url(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:  # an official checkpoint whose download is refused at once
+        patch.setenv("ALGM_VIZ_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setitem(KNOWN_MODELS, "seg_tiny_mask", {**KNOWN_MODELS["seg_tiny_mask"], "url": "http://127.0.0.1:9/seg_tiny_mask"})
+        registry = ModelRegistry(device="cpu", default_short_side=128, untrained=TINY, include_bundled=False)
+        handlers = Handlers(registry, SessionCache(max_side=256), thresholds=(0.6, 0.8, 1.0))
+        demo = build_demo(handlers).queue()
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=APP_CSS)
+        yield f"http://127.0.0.1:{port}/"
+        demo.close()
+
+
+def _has(selector: str, text: str) -> str:
+    """A wait_for_function body: the element's text contains ``text`` (the element may not exist yet)."""
+    return f"(document.querySelector({selector!r})?.innerText || '').includes({text!r})"
+
+
+def _browser(playwright):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+
+
+def test_page_opens_with_results_of_the_first_street_example(url):
+    with sync_api.sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.goto(url, timeout=TIMEOUT_MS)  # no upload, no click
+        page.wait_for_function(_has("#readout", "Tokens"), timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#curve-plot", "τ global varied"), timeout=TIMEOUT_MS)
+        readout = page.inner_text("#readout")
+        sources = {name: page.get_attribute(f"#{name} img", "src") for name in ("local-overlay", "global-overlay",
+                                                                               "mean-colors", "ground-truth")}
+        browser.close()
+    assert "mIoU vs label" in readout, "the example comes with its label map"
+    assert "median and quartiles of" in readout, "the latency says how it was measured"
+    assert all(sources.values()), f"every view is shown: {sources}"
+
+
+def test_a_model_that_fails_to_load_leaves_the_page_usable(url):
+    with sync_api.sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.goto(url, timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#readout", "Tokens"), timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#curve-plot", "τ global varied"), timeout=TIMEOUT_MS)
+        before = page.inner_text("#readout")
+        dropdown = page.get_by_label("Model", exact=True)
+        shown = dropdown.input_value()
+        dropdown.click()
+        page.get_by_role("option", name="seg_tiny_mask", exact=False).first.click()
+        page.wait_for_function("document.body.innerText.includes('offline: cannot reach 127.0.0.1')", timeout=TIMEOUT_MS)
+        page.wait_for_function("v => document.querySelector('input[aria-label=\"Model\"]')?.value === v", arg=shown,
+                               timeout=TIMEOUT_MS)
+        page.wait_for_timeout(1500)  # anything the failure might still trigger
+        toasts = page.locator(".toast-body").count()
+        errors = page.locator("#tau-local, #tau-global, #curve-plot, #readout").filter(has_text="Error").count()
+        assert page.inner_text("#readout") == before, "the previous results stay"
+        slider = page.locator("#tau-local input[type=range]")
+        box = slider.bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] / 2)
+        page.wait_for_function("text => document.querySelector('#readout').innerText !== text", arg=before,
+                               timeout=TIMEOUT_MS)
+        browser.close()
+    assert toasts == 1, f"one toast, not {toasts}"
+    assert errors == 0, "no control turns into an error box"
+
+
+#: What must not overlap at 400 px: the controls and the panels.
+NARROW_IDS = ["input-image", "tau-local", "tau-global", "prop-attn", "readout", "local-overlay", "global-overlay",
+              "mean-colors", "segmentation", "legend", "disagreement", "ground-truth", "curve-plot"]
+
+
+def test_at_400_px_the_page_is_one_column_without_overlaps(url):
+    with sync_api.sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 400, "height": 900})
+        page.goto(url, timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#readout", "Tokens"), timeout=TIMEOUT_MS)
+        boxes = {name: page.locator(f"#{name}").bounding_box() for name in NARROW_IDS}
+        buttons = [b for b in (page.locator(f"button:visible >> nth={i}").bounding_box()
+                               for i in range(page.locator("button:visible").count())) if b and b["width"] > 0]
+        width = page.evaluate("document.documentElement.scrollWidth")
+        browser.close()
+    assert width <= 400, f"the page scrolls sideways ({width} px)"
+    assert all(boxes.values()), {k: v for k, v in boxes.items() if not v}
+
+    def overlap(a, b, tolerance=1.0):
+        return (min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"]) > tolerance
+                and min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"]) > tolerance)
+
+    names = list(boxes)
+    clashes = [(p, q) for i, p in enumerate(names) for q in names[i + 1:] if overlap(boxes[p], boxes[q])]
+    assert not clashes, f"overlapping at 400 px: {clashes}"
+    for name, box in boxes.items():
+        assert box["x"] >= -1 and box["x"] + box["width"] <= 401, f"{name} leaves the screen: {box}"
+    for name in ("tau-local", "tau-global", "prop-attn"):  # labels and controls do not run into buttons
+        hits = [b for b in buttons if overlap(b, boxes[name]) and not _inside(b, boxes[name])]
+        assert not hits, f"a button overlaps {name}: {hits}"
+
+
+def _inside(inner: dict, outer: dict) -> bool:
+    """``inner`` lies within ``outer`` (a control's own buttons, such as a slider's reset)."""
+    return (inner["x"] >= outer["x"] - 1 and inner["y"] >= outer["y"] - 1
+            and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 1
+            and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1)
 
 
 def _state(page) -> dict:
@@ -58,9 +157,12 @@ def test_upload_then_release_tau_updates_overlays_readout_and_plot(url, tmp_path
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
         page.goto(url, timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#readout", "mIoU vs label"), timeout=TIMEOUT_MS)  # the example, with its label
         page.locator("#input-image input[type=file]").set_input_files(str(image))
-        page.wait_for_function("document.querySelector('#readout').innerText.includes('Tokens')", timeout=TIMEOUT_MS)
-        page.wait_for_function("document.querySelector('#curve-plot').innerText.includes('τ =')", timeout=TIMEOUT_MS)
+        # the example's label map belongs to another image: it is dropped, the new image analysed without it
+        page.wait_for_function("!" + _has("#readout", "mIoU vs label") + " && " + _has("#readout", "Tokens"),
+                               timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#curve-plot", "τ global varied"), timeout=TIMEOUT_MS)
         before = _state(page)
         assert before["local"] and before["global"], "both merge overlays are shown"
         page.screenshot(path=str(tmp_path / "before.png"), full_page=True)

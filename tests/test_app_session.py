@@ -378,3 +378,12 @@ def test_official_ade20k_models_name_their_150_classes(monkeypatch):
     entry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False).get("official:seg_tiny_mask")
     assert len(entry.class_names) == 150 and entry.class_names[:3] == ("wall", "building", "sky")
     assert entry.class_names[-1] == "flag" and "class 0" not in entry.class_names
+
+
+def test_a_new_image_drops_a_label_map_of_another_size(handlers, tmp_path):
+    image = write(tmp_path, "image.png", scene(60, 90))
+    fitting = write(tmp_path, "fits.png", np.zeros((60, 90), np.uint8))
+    other = write(tmp_path, "other.png", np.zeros((30, 40), np.uint8))
+    assert handlers.fit_label(image, fitting) == fitting
+    assert handlers.fit_label(image, other) is None
+    assert handlers.fit_label(image, None) is None and handlers.fit_label(None, other) == other

@@ -209,6 +209,19 @@ class Handlers:
             gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), visible=entry.sweep_rows is not None),
         )
 
+    def fit_label(self, image: str | None, label: str | None) -> str | None:
+        """``label`` if it fits ``image`` (same size), else None with a note: a new image replaces the
+        example whose label map is still loaded. Unreadable files are left to the analysis to report."""
+        if not image or not label:
+            return label
+        try:
+            fits = read_image_file(image).shape[:2] == read_label_file(label).shape[:2]
+        except (ImageError, OSError, ValueError):
+            return label
+        if not fits:
+            gr.Info(f"{Path(label).name} belongs to another image: label map removed")
+        return label if fits else None
+
     @user_errors
     def check_model(self, model: str) -> None:
         """Load ``model`` (kept in the registry), or raise ``gr.Error`` with the cause. The page runs this
@@ -521,10 +534,14 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
             event.then(on_gpu["curve"](handlers.curve), algm_inputs, [curve_plot, dataset_plot], **names[0], **work) \
                  .then(on_gpu["balance"](handlers.balance), algm_inputs, [balance_plot, balance_summary], **names[1], **work)
 
-        triggers = [image.change, label.change, local_tau.release, global_tau.release, window.change, global_layer.release,
+        triggers = [label.change, local_tau.release, global_tau.release, window.change, global_layer.release,
                     prop_attn.change, global_official.change]
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
+        # a new image first drops a label map that belongs to another image (an example's), then is analysed
+        chain(image.change(handlers.fit_label, [image, label], [label], api_visibility="private")
+              .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private",
+                    trigger_mode="always_last", **work))
         chain(demo.load(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
         inspector_panel.wire(inputs, image, [local_image, global_image], [label.change, local_tau.release, global_tau.release,
                              window.change, global_layer.release, prop_attn.change], work)

@@ -402,6 +402,14 @@ def api_server(tmp_path_factory):
     demo.close()
 
 
+def _defaults(url: str, endpoint: str) -> list:
+    """The default value of each parameter of ``endpoint`` (a raw call must send them all)."""
+    from gradio_client import Client
+
+    info = Client(url.removesuffix("gradio_api/"), verbose=False).view_api(print_info=False, return_format="dict")
+    return [parameter.get("parameter_default") for parameter in info["named_endpoints"][endpoint]["parameters"]]
+
+
 def _raw_call(httpx, url: str, name: str, data: list) -> str:
     event = httpx.post(f"{url}call/{name}", json={"data": data}).json()
     return httpx.get(f"{url}call/{name}/{event['event_id']}", timeout=60).text
@@ -416,6 +424,7 @@ def test_wrong_api_types_get_a_message_naming_the_input(api_server, index, value
     httpx, url, _, image = api_server
     data = ["untrained", image, None, 0.9, 0.9, 2, 5, False]
     data[index] = value
+    data += _defaults(url, "/analyze")[len(data):]
     stream = _raw_call(httpx, url, "analyze", data)
     assert "event: error" in stream and json.dumps(message)[1:-1] in stream, stream[:300]
 
@@ -443,7 +452,9 @@ def test_a_disconnected_compare_stops_within_a_configuration(api_server):
     handlers.budget = slow_budget
     try:
         methods = ["algm", "tome", "pool2d", "grid", "kv_grid", "cts"]
-        event = httpx.post(f"{url}call/compare", json={"data": ["untrained", image, None, methods, "algm:0.9", "tome:2"]}).json()
+        data = ["untrained", image, None, methods, "algm:0.9", "tome:2"]
+        data += _defaults(url, "/compare")[len(data):]
+        event = httpx.post(f"{url}call/compare", json={"data": data}).json()
         with httpx.stream("GET", f"{url}call/compare/{event['event_id']}", timeout=60):
             deadline = time.monotonic() + 60
             while len(steps) < 3 and time.monotonic() < deadline:

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -105,9 +104,16 @@ def remove_stale(roots: Iterable[str | Path] | None = None, legacy_age_s: float 
 
 
 def exit_on_sigterm() -> None:
-    """Make SIGTERM a normal exit (``SystemExit``) so that exit handlers remove the temporary folders.
-    Call it from the main thread of a server process."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    """On SIGTERM, remove this process's temporary folders, then exit with status 128 + 15 at once (a
+    normal interpreter shutdown could abort while worker threads are inside torch). Call it from the
+    main thread of a server process."""
+
+    def handler(signum: int, frame: Any) -> None:
+        remove_own()
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class TempFolders:

@@ -20,6 +20,7 @@ from algm_viz.app import build_demo
 from algm_viz.app.files import exit_on_sigterm
 from algm_viz.app.models import ALLOW_SERVER_PATHS_ENV, MAX_UPLOAD_BYTES, ModelRegistry, server_paths_allowed
 from algm_viz.app.ui import APP_CSS, Handlers
+from algm_viz.evaluation.inference import DTYPES
 
 
 def _parse_args() -> argparse.Namespace:
@@ -32,10 +33,16 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--mcp", action="store_true", default=env("ALGM_VIZ_MCP", "").lower() in ("1", "true"),
                         help="also serve the named endpoints as MCP tools at /gradio_api/mcp/ (or ALGM_VIZ_MCP=1)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("ALGM_VIZ_DTYPE") or "fp32",
+                        help="precision of the model's forwards (autocast; or ALGM_VIZ_DTYPE); bf16/fp16 halve "
+                             "the GPU's work, within the tolerance README states")
     parser.add_argument("--allow-server-paths", action="store_true",
                         help="let users load checkpoints from server-side folders even on a non-loopback host or "
                              f"with --share (or {ALLOW_SERVER_PATHS_ENV}=1); uploads always load")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.dtype not in DTYPES:
+        parser.error(f"--dtype / ALGM_VIZ_DTYPE must be one of {', '.join(sorted(DTYPES))}, got {args.dtype!r}")
+    return args
 
 
 if __name__ == "__main__":
@@ -44,6 +51,7 @@ if __name__ == "__main__":
     exit_on_sigterm()  # so that exit handlers remove the temporary folders
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    registry = ModelRegistry(allow_paths=server_paths_allowed(args.host, args.share, args.allow_server_paths))
+    registry = ModelRegistry(allow_paths=server_paths_allowed(args.host, args.share, args.allow_server_paths),
+                             dtype=DTYPES[args.dtype])
     build_demo(Handlers(registry)).queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                              mcp_server=args.mcp, max_file_size=MAX_UPLOAD_BYTES, css=APP_CSS)

@@ -129,3 +129,25 @@ def test_sweep_runs_in_half_precision(random_folder_data):
         confusion = {dtype: torch.as_tensor(rows[dtype][method]["confusion"]) for dtype in rows}
         predicted = {dtype: c.sum(0).double() / c.sum() for dtype, c in confusion.items()}  # share of each class
         assert torch.allclose(predicted[None], predicted[torch.bfloat16], atol=0.05), (method, predicted)
+
+
+def test_the_app_runs_its_forwards_in_the_registry_precision(tmp_path):
+    """``python app.py --dtype bf16``: every forward of an app session runs under autocast."""
+    import cv2
+
+    from algm_viz.app.models import ModelRegistry
+    from algm_viz.app.session import SessionCache
+    from algm_viz.app.ui import Handlers
+
+    registry = ModelRegistry(device="cpu", default_short_side=64, include_bundled=False, dtype=torch.bfloat16,
+                             untrained=dict(num_classes=3, depth=6, embed_dim=64, num_heads=2, image_size=64))
+    handlers = Handlers(registry, SessionCache(max_side=128), thresholds=(0.6, 1.0), with_gflops=False)
+    entry = registry.get("untrained")
+    computed_in: set[torch.dtype] = set()
+    entry.model.encoder.blocks[0].mlp.register_forward_hook(lambda module, args, out: computed_in.add(out.dtype))
+    path = tmp_path / "scene.png"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    outputs = handlers.analyze("untrained", str(path), None, 0.8, 0.8, 2, 5, False)
+    assert computed_in == {torch.bfloat16}
+    readout = next(o for o in outputs if isinstance(o, dict))
+    assert readout["tokens"] and 0.0 <= readout["agreement_miou"] <= 100.0  # a real analysis came back

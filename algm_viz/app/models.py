@@ -19,11 +19,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
 
+from ..evaluation.inference import autocast
 from ..models import KNOWN_MODELS, CheckpointError, Segmenter, create_segmenter, load_segmenter
 from ..models.ade20k import ADE20K_CLASSES
 from ..models.variant import DEFAULT_LIMITS, ModelLimits
@@ -88,6 +89,11 @@ class ModelEntry:
     trained: bool
     sweep_rows: list[dict[str, Any]] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    dtype: torch.dtype | None = None  # forwards under autocast in this precision; None = float32
+
+    def precision(self) -> ContextManager:
+        """The autocast context every forward of this model runs in (:attr:`dtype`)."""
+        return autocast(self.device, self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +162,8 @@ class ModelRegistry:
     def __init__(self, device: torch.device | str | None = None, default_short_side: int = 512,
                  untrained: dict[str, Any] | None = None, include_bundled: bool = True,
                  allow_paths: bool | None = None, max_models: int = 4, max_model_bytes: int = 3 * 2**30,
-                 limits: ModelLimits = DEFAULT_LIMITS, max_checkpoint_bytes: int = MAX_UPLOAD_BYTES) -> None:
+                 limits: ModelLimits = DEFAULT_LIMITS, max_checkpoint_bytes: int = MAX_UPLOAD_BYTES,
+                 dtype: torch.dtype | None = None) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {max_models}")
         self.device = torch.device(device) if device is not None else default_device()
@@ -168,6 +175,7 @@ class ModelRegistry:
         self.max_model_bytes = max_model_bytes
         self.limits = limits
         self.max_checkpoint_bytes = max_checkpoint_bytes
+        self.dtype = dtype
         self._added: set[str] = set()
         self._entries: OrderedDict[str, ModelEntry] = OrderedDict()
         self._lock = threading.Lock()
@@ -211,6 +219,7 @@ class ModelRegistry:
                     return entry
             try:
                 entry = self._load(key)
+                entry.dtype = self.dtype
             except BaseException:
                 with self._lock:  # a refused key leaves nothing behind
                     self._key_locks.pop(key, None)

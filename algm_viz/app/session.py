@@ -179,7 +179,7 @@ def _configure(entry: ModelEntry, settings: Settings | None) -> None:
 def run_forward(entry: ModelEntry, images: torch.Tensor, settings: Settings | None) -> ForwardResult:
     """Timed forward of ``images`` ``[1, 3, H, W]`` (baseline when ``settings`` is None)."""
     layers = () if settings is None else (settings.local_layer, settings.global_layer)
-    with entry.lock, torch.inference_mode():
+    with entry.lock, torch.inference_mode(), entry.precision():
         _configure(entry, settings)
         with capture_tokens(entry.model, layers, attention_layer=entry.depth) as capture:
             logits, latency = timed(lambda: entry.model(images), images.device)
@@ -191,7 +191,7 @@ def run_forward(entry: ModelEntry, images: torch.Tensor, settings: Settings | No
 
 def run_gflops(entry: ModelEntry, images: torch.Tensor, settings: Settings | None) -> float:
     """GFLOPs of one forward of ``images`` (baseline when ``settings`` is None)."""
-    with entry.lock:
+    with entry.lock, entry.precision():
         _configure(entry, settings)
         return count_gflops(entry.model, images)
 
@@ -220,7 +220,7 @@ def run_latency(entry: ModelEntry, images: torch.Tensor, settings: Settings, rou
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     samples: dict[Settings | None, list[float]] = {None: [], settings: []}
-    with entry.lock, torch.inference_mode():
+    with entry.lock, torch.inference_mode(), entry.precision():
         for _ in range(rounds):
             for config, times in samples.items():
                 _configure(entry, config)
@@ -231,7 +231,7 @@ def run_latency(entry: ModelEntry, images: torch.Tensor, settings: Settings, rou
 def run_balance(entry: ModelEntry, images: torch.Tensor, classes: np.ndarray, settings: Settings) -> dict[str, Any]:
     """Attention balance of ``images`` ``[1, 3, H, W]`` for pixel classes ``classes`` ``[H, W]``."""
     labels = torch.from_numpy(classes.astype(np.int64))[None].to(images.device)
-    with entry.lock:
+    with entry.lock, entry.precision():
         _configure(entry, settings)
         return attention_balance(entry.model, images, labels, entry.model.num_classes)
 

@@ -77,22 +77,29 @@ def test_click_outlines_the_group_and_updates_the_readout(url, tmp_path):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 2600})
         page.goto(url, timeout=TIMEOUT_MS)
-        page.locator("#input-image input[type=file]").set_input_files(str(IMAGE))
+        page.wait_for_selector("#input-image", timeout=TIMEOUT_MS)
+        try:  # the app may show an example (with its label map) on load
+            page.wait_for_selector("#input-image img", timeout=5000)
+        except sync_api.TimeoutError:
+            page.locator("#input-image input[type=file]").set_input_files(str(IMAGE))
         page.wait_for_function("document.querySelector('#readout').innerText.includes('Tokens')", timeout=TIMEOUT_MS)
         assert "Click a point" in page.inner_text("#inspector-readout")
         _click(page, "#global-overlay img", 0.3, 0.3)
-        page.wait_for_function("document.querySelector('#inspector-readout').innerText.includes('Merge group')",
+        page.wait_for_function("document.querySelector('#inspector-readout')?.innerText.includes('Merge group')",
                                timeout=TIMEOUT_MS)
         page.wait_for_selector("#inspector-image img", timeout=TIMEOUT_MS)
-        page.wait_for_function("document.querySelector('#inspector-similarity').innerText.includes('τ')",
+        page.wait_for_function("document.querySelector('#inspector-similarity')?.innerText.includes('τ')",
+                               timeout=TIMEOUT_MS)
+        page.wait_for_function("document.querySelector('#purity-readout')?.innerText.includes('Merge purity')",
                                timeout=TIMEOUT_MS)
         first = page.inner_text("#inspector-readout")
         first_picture = page.get_attribute("#inspector-image img", "src")
         page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)
-        _click(page, "#inspector-image img", 0.8, 0.85)  # the inspector's own picture is clickable too
-        page.wait_for_function("text => document.querySelector('#inspector-readout').innerText !== text",
+        _click(page, "#local-overlay img", 0.8, 0.85)
+        page.wait_for_function("text => (document.querySelector('#inspector-readout')?.innerText ?? text) !== text"
+                               " && document.querySelector('#inspector-readout').innerText.includes('Merge group')",
                                arg=first, timeout=TIMEOUT_MS)
-        page.wait_for_function("src => document.querySelector('#inspector-image img').getAttribute('src') !== src",
+        page.wait_for_function("src => document.querySelector('#inspector-image img')?.getAttribute('src') !== src",
                                arg=first_picture, timeout=TIMEOUT_MS)
         second = page.inner_text("#inspector-readout")
         browser.close()

@@ -543,8 +543,8 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
               .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private",
                     trigger_mode="always_last", **work))
         chain(demo.load(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
-        inspector_panel.wire(inputs, image, [local_image, global_image], [label.change, local_tau.release, global_tau.release,
-                             window.change, global_layer.release, prop_attn.change], work)
+        inspector_panel.wire(inputs, image, [local_image, global_image], [demo.load, label.change, local_tau.release,
+                             global_tau.release, window.change, global_layer.release, prop_attn.change], work)
         current_model = gr.State(default)  # the model whose controls and results the page shows
 
         def switch_model(event: Any, public: bool = False) -> None:

@@ -119,7 +119,7 @@ def similarity_figure(image: np.ndarray, inspection: Inspection, patch_size: int
         if low <= tau <= 1.0:
             taus.setdefault(tau, []).append(STAGE_LABELS.get(stage, stage))
     ticks = sorted({round(low, 1), *np.round(np.linspace(low, 1.0, 5), 1).tolist(), 1.0})
-    ticks = [t for t in ticks if all(abs(t - tau) > 0.04 for tau in taus)]
+    ticks = [t for t in ticks if all(abs(t - tau) > 0.06 for tau in taus)]
     colorbar = {"title": {"text": "cosine<br>similarity"},
                 "tickvals": ticks + list(taus),
                 "ticktext": [f"{t:.1f}" for t in ticks] + [f"<b>τ {', '.join(names)} {tau:.3f}</b>" for tau, names in taus.items()]}

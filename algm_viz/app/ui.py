@@ -400,6 +400,16 @@ def _examples() -> tuple[list[list[str]], list[list[str | None]]]:
             [[str(p), None] for p in pictures if p not in labelled])
 
 
+def _kept_in_cache(component: gr.components.Component, path: str | None) -> str | None:
+    """``path`` copied into Gradio's cache for ``component`` and marked to keep (as an initial value or an
+    example is), so that the upload caps never remove the picture every page opens on."""
+    if path is None:
+        return None
+    cached = component.move_resource_to_block_cache(path)
+    component.keep_in_cache.add(cached)
+    return cached
+
+
 def _zero_gpu_wrappers(curve_points: int) -> dict[str, Callable[[Callable], Callable]]:
     """Per endpoint, the ``spaces.GPU`` decorator whose duration follows the request: forward passes the
     handler runs (from its arguments: curve length, compared methods × knob values) times the image's pixels."""
@@ -450,10 +460,10 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         with gr.Row(elem_classes=STACK):
             image = ImageInput(type="filepath", image_mode=None, sources=["upload", "clipboard"], height=320,
                                label=f"Image (resized to the model's short side; long side ≤ {handlers.sessions.max_side}px)",
-                               elem_id="input-image", value=first[0])
+                               elem_id="input-image")
             with gr.Column():
                 label = LabelFile(label="Optional label map (PNG of class ids) for real mIoU", type="filepath",
-                                file_types=["image"], value=first[1])
+                                file_types=["image"])
                 if streets:
                     gr.Examples(examples=streets, inputs=[image, label], elem_id="street-examples",
                                 label="Street scenes (drawn by this project, with label maps): what the CamVid model knows")
@@ -529,10 +539,11 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                         ground_truth]
 
         def chain(event: Any, public: bool = False) -> None:
-            """After ``event``: the τ curve, then the attention balance (named endpoints once)."""
+            """After ``event`` succeeded: the τ curve, then the attention balance (named endpoints once); a failed
+            step stops the chain, so its one toast is the only one."""
             names = ({"api_name": "curve"}, {"api_name": "balance"}) if public else ({"api_visibility": "private"},) * 2
-            event.then(on_gpu["curve"](handlers.curve), algm_inputs, [curve_plot, dataset_plot], **names[0], **work) \
-                 .then(on_gpu["balance"](handlers.balance), algm_inputs, [balance_plot, balance_summary], **names[1], **work)
+            event.success(on_gpu["curve"](handlers.curve), algm_inputs, [curve_plot, dataset_plot], **names[0], **work) \
+                 .success(on_gpu["balance"](handlers.balance), algm_inputs, [balance_plot, balance_summary], **names[1], **work)
 
         triggers = [label.change, local_tau.release, global_tau.release, window.change, global_layer.release,
                     prop_attn.change, global_official.change]
@@ -542,7 +553,9 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         chain(image.change(handlers.fit_label, [image, label], [label], api_visibility="private")
               .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private",
                     trigger_mode="always_last", **work))
-        chain(demo.load(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
+        if first[0]:  # set on load, not as initial values: those would become the API's defaults
+            opening = [_kept_in_cache(component, path) for component, path in zip((image, label), first)]
+            demo.load(lambda: tuple(opening), None, [image, label], api_visibility="private")
         inspector_panel.wire(inputs, image, [local_image, global_image], [demo.load, label.change, local_tau.release,
                              global_tau.release, window.change, global_layer.release, prop_attn.change], work)
         current_model = gr.State(default)  # the model whose controls and results the page shows
@@ -551,9 +564,9 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
             """After ``event`` checked the dropdown's model: its controls, window, view and curves."""
             chain(event.success(handlers.select_model, [model], model_outputs,
                                 **({"api_name": "select_model"} if public else {"api_visibility": "private"}), **work)
-                  .then(lambda key: key, [model], [current_model], api_visibility="private")
-                  .then(handlers.select_window, [model, window], [window], api_visibility="private")
-                  .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
+                  .success(lambda key: key, [model], [current_model], api_visibility="private")
+                  .success(handlers.select_window, [model, window], [window], api_visibility="private")
+                  .success(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private", **work))
 
         # a user's pick is loaded first, with no visible output: on failure one toast says why and the
         # dropdown goes back to the model still shown (.input: that reset does not fire again)

@@ -344,11 +344,11 @@ class Handlers:
     @user_errors
     def compare(self, model: str, image: str | None, label: str | None, methods: Sequence[str], map_a: str, map_b: str,
                 request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
-        """-> (quality vs GFLOPs figure, quality vs throughput figure, merge maps of two methods side by side).
-
-        Every method in ``methods`` over its own knob values (issue 6's comparison) on this image. Every
-        input is checked before any work; the work then runs one configuration at a time, after any
-        waiting interactive request, and stops when the time budget is spent or the client has gone."""
+        """Compare token reducers on one image: each method in ``methods`` (e.g. ``["algm", "tome"]``) runs at
+        each value of its own knob; returns quality against GFLOPs, quality against throughput (quality =
+        agreement with the unmerged model's prediction, or mIoU with a label map) and the merge maps of
+        ``map_a`` and ``map_b`` (``method:value``, e.g. ``algm:0.9``) side by side. Long comparisons stop
+        after a time budget or when the caller disconnects."""
         specs = self.check_compare(image, methods, map_a, map_b)
         budget = self.budget(request)
         session = self._session(model, image, label)

@@ -1,6 +1,7 @@
 """The token inspector in a real headless Chromium: click a patch, see its group outlined and the readout change;
-and the ``/inspect``, ``/animate`` and ``/purity`` endpoints through ``gradio_client``."""
+and the ``/inspect``, ``/animate``, ``/purity`` and ``/layer_flow`` endpoints through ``gradio_client``."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -51,6 +52,9 @@ def test_inspect_endpoint_through_gradio_client(url):
     summary = client.predict("untrained", client_module.handle_file(str(IMAGE)), None, 0.6, 0.6, 2, 3, False,
                              api_name="/purity")[2]
     assert summary["classes_from"].startswith("baseline prediction") and "global" in summary["stages"]
+    figure = client.predict("untrained", client_module.handle_file(str(IMAGE)), None, 0.6, 0.6, 2, 3, False,
+                            api_name="/layer_flow")
+    assert "GFLOPs" in json.dumps(figure)
     with pytest.raises(Exception, match="outside"):
         client.predict("untrained", client_module.handle_file(str(IMAGE)), None, 0.6, 0.6, 2, 3, False, 10_000, 3,
                        api_name="/inspect")

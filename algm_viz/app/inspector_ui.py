@@ -7,7 +7,8 @@ similarity maps at the CLAP and GBM layers, its attention baseline beside ALGM, 
 ``/inspect`` takes (model, image, label, τ local, τ global, window, GBM layer, proportional attention,
 x, y) with ``(x, y)`` in pixels of the model input (the frame of every picture the app returns).
 ``/purity`` (the same inputs without the point) answers merge purity and error attribution for the image
-(:mod:`.purity`); ``/animate`` (the same inputs) writes the τ animation (:mod:`.animation`).
+(:mod:`.purity`); ``/animate`` (the same inputs) writes the τ animation (:mod:`.animation`); ``/layer_flow`` plots
+tokens and GFLOPs per encoder layer (:mod:`.flow`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import gradio as gr
 import numpy as np
 
 from . import inspector
+from . import flow as flow_view
 from . import purity as purity_view
 from .animation import tau_animation
 from .gpu import forward_budget, gpu, image_pixels
@@ -57,6 +59,9 @@ class InspectorPanel:
                                                elem_id="purity-image")
                 self.purity_readout = gr.Markdown(elem_id="purity-readout")
             self.purity_json = gr.JSON(label="Merge purity (JSON)", visible=False)
+            with gr.Row():
+                self.flow_button = gr.Button("Tokens and GFLOPs per layer (baseline, ALGM, ToMe)", scale=0)
+                self.flow_plot = gr.Plot(label="Layer by layer", elem_id="flow-plot")
             with gr.Row():
                 self.animate_button = gr.Button("Export the τ animation (GIF, and MP4 where the codec exists)", scale=0)
                 self.animation_files = gr.File(label="τ animation: merge groups and segmentation as τ falls "
@@ -112,6 +117,19 @@ class InspectorPanel:
             raise gr.Error(str(error)) from error
         return [str(path) for path in paths]
 
+    def flow(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
+             window: int, global_layer: int, prop_attn: bool):
+        """-> tokens and GFLOPs per encoder layer: baseline, ALGM at the setting, ToMe ending at ALGM's tokens."""
+        if not image:
+            raise gr.Error("upload an image (or pick an example) first")
+        session = self._session(model, image, label)
+        try:
+            result = flow_view.flow(session, self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn))
+        except ValueError as error:
+            logger.info("layer flow refused: %s", error)
+            raise gr.Error(str(error)) from error
+        return flow_view.flow_figure(result)
+
     def refresh(self, *args: Any):
         """After a new setting: inspect the same point again; nothing to do before the first click."""
         *rest, x, y = args
@@ -161,6 +179,8 @@ class InspectorPanel:
         gr.on(list(triggers), on_gpu(self.refresh), [*inputs, *point], self.outputs, api_visibility="private",
               trigger_mode="always_last", **work)
         animate_gpu = gpu(lambda model, image, *rest: forward_budget(len(self.handlers.thresholds), image_pixels(image)))
+        flow_gpu = gpu(lambda model, image, *rest: forward_budget(3, image_pixels(image)))
+        self.flow_button.click(flow_gpu(self.flow), list(inputs), [self.flow_plot], api_name="layer_flow", **work)
         self.animate_button.click(animate_gpu(self.animate), list(inputs), [self.animation_files], api_name="animate",
                                   **work)
         gr.on([image.change, *triggers], on_gpu(self.purity), list(inputs),

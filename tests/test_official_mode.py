@@ -685,12 +685,12 @@ def test_app_offers_the_official_global_tau_and_shows_the_threshold_used(tmp_pat
     assert Settings(0.8, "official").validated(6).global_threshold == "official"
     with pytest.raises(ValueError, match="global_threshold"):
         Settings(0.8, "online").validated(6)
-    *_, markdown, readout = handlers.analyze("untrained", path, None, 0.8, 0.9, 2, 5, False, True)
+    markdown, readout = handlers.analyze("untrained", path, None, 0.8, 0.9, 2, 5, False, True)[5:7]
     assert readout["thresholds"] == {"local": 0.8, "global": "official"}
     used = readout["thresholds_used"]["global"]
     assert used != 0.9 and -1.0 <= used <= 1.0  # the slider's 0.9 is ignored: the image's online τ
     assert f"official (online) {used:.3f}" in markdown
-    *_, paper_markdown, paper = handlers.analyze("untrained", path, None, 0.8, 0.9, 2, 5, False, False)
+    paper_markdown, paper = handlers.analyze("untrained", path, None, 0.8, 0.9, 2, 5, False, False)[5:7]
     assert paper["thresholds_used"] == {"local": pytest.approx(0.8), "global": pytest.approx(0.9)}
     assert "global 0.900" in paper_markdown
     with pytest.raises(gr.Error, match="official-τ switch"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Iterator
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from ..patch import algm_state
 from ..preprocess import normalize
 
-__all__ = ["DTYPES", "autocast", "prepare", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "sliding_window_logits",
+__all__ = ["DTYPES", "autocast", "prepare", "prepare_labelled", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "sliding_window_logits",
            "default_short_side", "merging_disabled", "resized_shape"]
 
 #: Command-line names of the precisions the tools run in.
@@ -61,6 +62,18 @@ def prepare(model: nn.Module, image: np.ndarray, short_side: int | None = None, 
     if size != tuple(tensor.shape[-2:]):
         tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
     return tensor
+
+
+def prepare_labelled(model: nn.Module, image: np.ndarray, label: np.ndarray | None, short_side: int | None,
+                     device: torch.device | str, what: str) -> tuple[Tensor, Tensor]:
+    """:func:`prepare` for an image with its label map ``[H, W]``: ``([1, 3, h, w], [1, h, w] long)``, the label
+    map resized to the model input by nearest neighbour; ``ValueError`` naming ``what`` when it is missing."""
+    if label is None:
+        raise ValueError(f"{what} needs label maps")
+    x = prepare(model, image, short_side, device)
+    height, width = x.shape[-2:]
+    label = cv2.resize(np.asarray(label, dtype=np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    return x, torch.from_numpy(label).long().to(x.device)[None]
 
 
 def _anchors(length: int, window: int, stride: int) -> list[int]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from ..datasets import IGNORE_INDEX
 from ..merging import Merge
 from ..patch import MergeRecord, algm_state, apply_algm, find_vit, merging_restored, remove_algm
-from .inference import prepare
+from .inference import prepare_labelled
 from .tokens import patch_class_counts, token_classes
 
 __all__ = ["stage_merges", "mixed_groups", "purity_counts", "attribution_counts", "add_counts", "summarize",
@@ -199,12 +198,7 @@ def purity_analysis(
     count = 0
     with merging_restored(model):
         for image, label in tqdm(samples, total=total, desc="purity", disable=not progress or None):
-            if label is None:
-                raise ValueError("merge purity needs label maps")
-            x = prepare(model, image, short_side, device)
-            height, width = x.shape[-2:]
-            label = cv2.resize(np.asarray(label, dtype=np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-            labels = torch.from_numpy(label).long().to(x.device)[None]
+            x, labels = prepare_labelled(model, image, label, short_side, device, "merge purity")
             patch_counts = patch_class_counts(labels, patch, num_classes, ignore_index)
             remove_algm(model)
             baseline = model(x).argmax(1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from ..capture import block_tokens
 from ..datasets import IGNORE_INDEX
 from ..merging import window_index
 from ..patch import find_vit
-from .inference import merging_disabled, prepare
+from .inference import merging_disabled, prepare_labelled
 from .tokens import patch_class_counts, token_classes
 
 __all__ = ["similarity_analysis", "window_pair_sums", "global_pair_sums"]
@@ -114,12 +113,8 @@ def similarity_analysis(
     count = 0
     with block_tokens(vit, sorted({*layers, local_layer}), observe), merging_disabled(model):
         for image, label in tqdm(samples, total=total, desc="analyze", disable=not progress or None):
-            if label is None:
-                raise ValueError("similarity analysis needs label maps")
-            x = prepare(model, image, short_side, device)
+            x, labels = prepare_labelled(model, image, label, short_side, device, "similarity analysis")
             height, width = x.shape[-2:]
-            label = cv2.resize(np.asarray(label, dtype=np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-            labels = torch.from_numpy(label).long().to(x.device)[None]
             current["classes"] = token_classes(patch_class_counts(labels, patch, num_classes, ignore_index))
             current["grid"] = (-(-height // patch), -(-width // patch))
             model(x)

@@ -62,6 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     aug.add_argument("--scale-range", type=_range, default=d["scale_range"], help="LOW,HIGH")
     aug.add_argument("--flip-p", type=float, default=d["flip_p"])
     aug.add_argument("--jitter", type=float, default=d["jitter"], help="colour jitter strength, 0 = off")
+    aug.add_argument("--class-mix", type=float, default=d["class_mix_p"], metavar="P",
+                     help="ClassMix probability: a sample receives half the classes of another in its batch; 0 = off")
     opt = p.add_argument_group("optimisation")
     for name in ("epochs", "batch_size", "warmup_iters", "eval_every", "eval_batch_size", "log_every", "workers", "seed"):
         opt.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name])
@@ -98,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         backbone=args.backbone, decoder=args.decoder, decoder_layers=args.decoder_layers,
         normalization=args.normalization, encoder_kwargs=args.encoder_kwargs, init=args.init,
         short_side=args.short_side, crop_size=args.crop_size, scale_range=args.scale_range, flip_p=args.flip_p,
-        jitter=args.jitter, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        jitter=args.jitter, class_mix_p=args.class_mix, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, warmup_ratio=args.warmup_ratio,
         poly_power=args.poly_power, grad_clip=args.grad_clip or None, drop_path_rate=args.drop_path_rate,
         class_weighting=args.class_weighting, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,

@@ -147,13 +147,20 @@ def _inside(inner: dict, outer: dict) -> bool:
             and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1)
 
 
+def _settled_text(selector: str) -> str:
+    """A JS expression: the element's text without the progress timer line Gradio shows while it is busy
+    ("0.2s", "processing | 1.3s"), so a ticking timer does not read as new content."""
+    return (f"(document.querySelector({selector!r})?.innerText || '').split('\\n')"
+            ".filter(line => !/^[a-z |:/\\d.]*\\d+(\\.\\d+)?s$/.test(line.trim())).join('\\n').trim()")
+
+
 def _state(page) -> dict:
     """What the user sees: readout text, overlay sources, the τ marker of the plot."""
     return {
-        "readout": page.inner_text("#readout"),
+        "readout": page.evaluate(_settled_text("#readout")),
         "local": page.get_attribute("#local-overlay img", "src"),
         "global": page.get_attribute("#global-overlay img", "src"),
-        "plot": page.inner_text("#curve-plot"),
+        "plot": page.evaluate(_settled_text("#curve-plot")),
     }
 
 
@@ -182,8 +189,7 @@ def test_upload_then_release_tau_updates_overlays_readout_and_plot(url, tmp_path
         page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] / 2, steps=5)
         page.mouse.up()
         page.wait_for_function(
-            "([text, plot]) => document.querySelector('#readout').innerText !== text"
-            " && document.querySelector('#curve-plot').innerText !== plot",
+            f"([text, plot]) => {_settled_text('#readout')} !== text && {_settled_text('#curve-plot')} !== plot",
             arg=[before["readout"], before["plot"]], timeout=TIMEOUT_MS)
         page.wait_for_function(
             "src => document.querySelector('#local-overlay img').getAttribute('src') !== src",

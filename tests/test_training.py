@@ -14,7 +14,7 @@ from algm_viz.cli import main
 from algm_viz.datasets import IGNORE_INDEX
 from algm_viz.models import create_segmenter
 from algm_viz.models.bundled import load_bundled
-from algm_viz.training import Augment, TrainConfig, load_init_weights, random_crop, resize_short_side, train
+from algm_viz.training import Augment, TrainConfig, class_mix, load_init_weights, random_crop, resize_short_side, train
 from algm_viz.training.trainer import median_frequency_weights
 from algm_viz.training import trainer as trainer_module
 
@@ -81,6 +81,30 @@ def test_augment_keeps_image_and_label_aligned_and_is_seeded():
     np.testing.assert_array_equal(again[0][0], again[1][0])
 
 
+def test_class_mix_pastes_whole_classes_of_the_partner_with_their_pixels():
+    labels = torch.stack([torch.from_numpy(_scene(np.random.default_rng(i))[1]).long() for i in range(4)])
+    labels[:, :4] = IGNORE_INDEX  # a void band
+    colours = torch.zeros(256, 3, dtype=torch.uint8)
+    colours[: len(PALETTE)] = torch.from_numpy(PALETTE)
+    colour = lambda lab: colours[lab].permute(0, 3, 1, 2)  # colour = class, so alignment is checkable
+    images = colour(labels)
+    mixed_images, mixed_labels = class_mix(images, labels, torch.Generator().manual_seed(0), p=1.0,
+                                           num_classes=len(PALETTE))
+    assert mixed_images.shape == images.shape and mixed_labels.shape == labels.shape
+    torch.testing.assert_close(mixed_images, colour(mixed_labels))
+    partner, pasted = labels.roll(1, dims=0), mixed_labels != labels
+    assert pasted.any(), "p=1 pastes something"
+    torch.testing.assert_close(mixed_labels[pasted], partner[pasted])
+    for b in range(4):  # each class of the partner is pasted everywhere or nowhere; void never
+        for c in partner[b].unique().tolist():
+            where = partner[b] == c
+            kept = (mixed_labels[b][where] == labels[b][where]).all()
+            assert kept if c == IGNORE_INDEX else kept or (mixed_labels[b][where] == c).all()
+    again = class_mix(images, labels, torch.Generator().manual_seed(0), p=1.0, num_classes=len(PALETTE))
+    torch.testing.assert_close(again[1], mixed_labels)
+    assert class_mix(images, labels, torch.Generator(), p=0.0)[1] is labels
+
+
 def test_resize_short_side():
     image, label = np.zeros((360, 480, 3), np.uint8), np.zeros((360, 480), np.uint8)
     small, small_label = resize_short_side(image, label, 240)
@@ -118,7 +142,7 @@ class _Interrupted(Exception):
 
 
 def test_resumed_run_continues_exactly(data_root, tmp_path, monkeypatch):
-    train(_config(data_root, tmp_path / "straight"))
+    train(_config(data_root, tmp_path / "straight", class_mix_p=0.5))
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
 
     save = trainer_module.save_checkpoint
@@ -130,11 +154,11 @@ def test_resumed_run_continues_exactly(data_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_stop)
     with pytest.raises(_Interrupted):
-        train(_config(data_root, tmp_path / "resumed"))
+        train(_config(data_root, tmp_path / "resumed", class_mix_p=0.5))
     monkeypatch.setattr(trainer_module, "save_checkpoint", save)
     with pytest.raises(ValueError, match="resume"):
-        train(_config(data_root, tmp_path / "resumed"))
-    train(_config(data_root, tmp_path / "resumed", resume=True))
+        train(_config(data_root, tmp_path / "resumed", class_mix_p=0.5))
+    train(_config(data_root, tmp_path / "resumed", class_mix_p=0.5, resume=True))
 
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert resumed["epoch"] == 3

@@ -1,9 +1,9 @@
-"""Segmentation augmentations on numpy arrays: resize, random scale, crop with ignore padding, flip,
-photometric jitter.
+"""Segmentation augmentations: per sample on numpy arrays (resize, random scale, crop with ignore padding,
+flip, photometric jitter) and per batch on tensors (ClassMix).
 
 Images are ``[H, W, 3]`` uint8 RGB and labels ``[H, W]`` uint8 with ignore = ``ignore_index``. Every
-random choice is drawn from the ``numpy.random.Generator`` passed in, so a seeded generator gives the
-same sample on any machine and in any worker.
+random choice is drawn from the generator passed in, so a seeded generator gives the same sample on any
+machine and in any worker.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
+from torch import Tensor
 
 from ..datasets import IGNORE_INDEX
 from ..evaluation.inference import resized_shape
 
-__all__ = ["Augment", "resize_short_side", "random_scale", "random_crop", "random_flip", "photometric"]
+__all__ = ["Augment", "resize_short_side", "random_scale", "random_crop", "random_flip", "photometric", "class_mix"]
 
 
 def resize_short_side(image: np.ndarray, label: np.ndarray | None, short_side: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -122,3 +124,32 @@ class Augment:
         if self.jitter:
             image = photometric(image, rng, self.jitter, self.jitter, self.jitter, self.jitter / 5)
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def class_mix(images: Tensor, labels: Tensor, generator: torch.Generator, p: float = 0.5,
+              num_classes: int | None = None, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """ClassMix (Olsson et al., WACV 2021) within a batch: each sample, with probability ``p``, receives the
+    pixels of a random half of the classes of the next sample in the batch (image and label alike).
+
+    Args:
+        images: ``[B, C, H, W]`` (any dtype); labels: ``[B, H, W]`` long, ``ignore_index`` for void.
+        generator: the source of every random choice.
+        num_classes: K; None = ``labels.max() + 1`` over the non-void pixels.
+    Returns:
+        ``([B, C, H, W], [B, H, W])`` new tensors; void pixels of the partner are never pasted.
+    """
+    batch = labels.shape[0]
+    if batch < 2 or p <= 0:
+        return images, labels
+    valid = labels != ignore_index
+    k = num_classes if num_classes is not None else int(labels[valid].max()) + 1 if valid.any() else 1
+    partner_images, partner_labels = images.roll(1, dims=0), labels.roll(1, dims=0)
+    # a random half of the classes per sample (one extra, never chosen, column for void)
+    chosen = torch.rand(batch, k, generator=generator) < 0.5
+    chosen &= (torch.rand(batch, 1, generator=generator) < p)
+    chosen = torch.cat([chosen, chosen.new_zeros(batch, 1)], dim=1).to(labels.device)
+    index = torch.where(partner_labels == ignore_index, k, partner_labels.clamp(0, k - 1))
+    paste = torch.gather(chosen, 1, index.flatten(1)).view_as(labels)
+    mixed_images = torch.where(paste[:, None], partner_images, images)
+    mixed_labels = torch.where(paste, partner_labels, labels)
+    return mixed_images, mixed_labels

@@ -37,7 +37,7 @@ from ..evaluation.metrics import confusion_matrix, miou
 from ..models import Segmenter
 from ..models.bundled import build_from_config
 from ..patch import apply_algm, find_vit
-from .augment import Augment, resize_short_side
+from .augment import Augment, class_mix, resize_short_side
 
 __all__ = ["TrainConfig", "TrainSet", "train", "evaluate", "load_init_weights", "median_frequency_weights"]
 
@@ -67,6 +67,8 @@ class TrainConfig:
         short_side: images are resized to this short side before augmentation, and for validation.
         crop_size: ``(h, w)`` training crops; also the size the position embedding is laid out for.
         scale_range, flip_p, jitter: augmentation (see :class:`Augment`).
+        class_mix_p: probability that a training sample receives half the classes of another sample of its
+            batch (:func:`class_mix`); 0 = off.
         epochs, batch_size, lr, weight_decay: optimisation (AdamW).
         warmup_iters, warmup_ratio: linear warm-up length in iterations, from ``lr * warmup_ratio``.
         poly_power: exponent of the poly decay to 0 after warm-up.
@@ -108,6 +110,7 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip_p: float = 0.5
     jitter: float = 0.25
+    class_mix_p: float = 0.0
     epochs: int = 60
     batch_size: int = 8
     lr: float = 1e-3
@@ -147,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"class_weighting must be 'none' or 'median_freq', got {self.class_weighting!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_iters < 0:
             raise ValueError("lr must be > 0, weight_decay and warmup_iters >= 0")
+        if not 0 <= self.class_mix_p <= 1:
+            raise ValueError(f"class_mix_p must be in [0, 1], got {self.class_mix_p}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         for name in ("train_sequences", "val_sequences"):
@@ -427,7 +432,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
         running, seen = 0.0, 0
+        mix_generator = torch.Generator().manual_seed(2 * (config.seed * 100_003 + epoch) + 1)  # apart from the loader seeds
         for images, labels in bar:
+            if config.class_mix_p:
+                images, labels = class_mix(images, labels, mix_generator, config.class_mix_p, train_folder.num_classes)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 loss = criterion(model(_normalise(images, model)).float(), labels)

@@ -1,12 +1,9 @@
 """Plotly figures for sweep results, attention balance and similarity analysis (shared by CLI and app).
 
-A sweep *row* is a dict: ``{"method": "baseline"|"algm"|"clap"|"gbm", "local_threshold": float|None,
-"global_threshold": float|None, "miou": float (%), "per_class_iou": list (%, NaN = absent),
-"images_per_s": float (median), "images_per_s_spread": [p25, p75], "gflops": float,
-"tokens": {"patches": float, "local": float|None, "global": float|None, "final": float}}``, plus ``"knob"``
-(``"τ"``, ``"r"``, ...) and ``"value"`` for methods other than ALGM's. A sweep adds ``"delta_miou"`` (mIoU
-minus the baseline's, points), ``"delta_miou_ci"`` ``[low, high]`` (paired bootstrap interval over images),
-``"miou_ci"``, ``"flops_images"``, ``"images"`` and ``"stages"`` (``[{"name", "layer", "tokens"}]``).
+A sweep *row* is :meth:`algm_viz.evaluation.rows.SweepRow.to_dict` (its attributes say what each key holds):
+``"method"``, ``"local_threshold"``/``"global_threshold"``, ``"knob"``/``"value"``, ``"miou"`` (%),
+``"per_class_iou"``, ``"images_per_s"`` with its ``"images_per_s_spread"``, ``"gflops"``, ``"tokens"``, and from
+a data-set sweep ``"delta_miou"`` with its ``"delta_miou_ci"`` interval, ``"miou_ci"`` and ``"stages"``.
 Figures draw ``delta_miou_ci`` as mIoU error bars around each point: a bar that reaches the baseline line
 marks a difference the images do not resolve.
 """

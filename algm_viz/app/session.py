@@ -21,6 +21,7 @@ import torch
 from ..datasets import IGNORE_INDEX
 from ..evaluation.balance import attention_balance
 from ..evaluation.metrics import confusion_matrix, miou
+from ..evaluation.rows import SweepRow
 from ..flops import count_gflops
 from ..inspector import TokenCapture, capture_tokens
 from ..patch import ONLINE, MergeRecord, algm_state, apply_algm, remove_algm
@@ -321,7 +322,7 @@ class ImageSession:
     def curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
                    prop_attn: bool = False, check: Callable[[int, int], None] | None = None,
                    vary: str = "both", fixed: float | None = None) -> list[dict[str, Any]]:
-        """One row per τ, in the schema of the evaluation command (method ``algm``, or ``algm_prop`` with
+        """One :class:`~algm_viz.evaluation.rows.SweepRow` (as a dict) per τ (method ``algm``, or ``algm_prop`` with
         ``prop_attn``), with ``miou`` = agreement with the baseline (%) and throughput from this image's
         latency. ``vary``: ``"both"`` (the same τ for both stages), ``"local"`` or ``"global"`` (that stage's
         τ, the other one at ``fixed``). Cached: a τ release re-plots the same rows with a new marker.
@@ -337,12 +338,10 @@ class ImageSession:
                     fixed: float | None = None) -> list[dict[str, Any]]:
         check(0, len(thresholds) + 1)
         baseline = self.baseline()
-        rows = [{
-            "method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 100.0,
-            "per_class_iou": self.agreement(baseline.prediction)[1], "images_per_s": 1.0 / baseline.latency_s,
-            "images_per_s_spread": None, "gflops": self.gflops(None),
-            "tokens": dict.fromkeys(("patches", "local", "global"), self.num_patches),
-        }]
+        rows = [SweepRow(method="baseline", miou=100.0, per_class_iou=self.agreement(baseline.prediction)[1],
+                         images_per_s=1.0 / baseline.latency_s, gflops=self.gflops(None),
+                         tokens=dict.fromkeys(("patches", "local", "global"), self.num_patches)).to_dict()]
+        method = "algm_prop" if prop_attn else "algm"
         for done, tau in enumerate(thresholds, 1):
             check(done, len(thresholds) + 1)
             local = float(tau) if vary in ("both", "local") else float(fixed)
@@ -350,17 +349,9 @@ class ImageSession:
             settings = Settings(local, global_, window, global_layer, prop_attn=prop_attn)
             result = self.algm(settings)
             miou, per_class = self.agreement(result.prediction)
-            rows.append({
-                "method": "algm_prop" if prop_attn else "algm",
-                "local_threshold": local,
-                "global_threshold": global_,
-                "miou": miou,
-                "per_class_iou": per_class,
-                "images_per_s": 1.0 / result.latency_s,
-                "images_per_s_spread": None,
-                "gflops": self.gflops(settings),
-                "tokens": dict(result.maps.tokens),
-            })
+            rows.append(SweepRow(method=method, local_threshold=local, global_threshold=global_, miou=miou, per_class_iou=per_class,
+                                 images_per_s=1.0 / result.latency_s, gflops=self.gflops(settings),
+                                 tokens=dict(result.maps.tokens)).to_dict())
         return rows
 
 

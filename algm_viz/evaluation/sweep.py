@@ -1,7 +1,7 @@
 """Sweep τ: segmentation quality, throughput, GFLOPs and token counts per merging method and threshold.
 
 Evaluation is single-scale on the whole image: each image is resized so that its short side is
-``short_side`` (default: the model's ``input_short_side``, else kept), normalised with the model's
+``short_side`` (default: the model's ``info.short_side``, else kept), normalised with the model's
 statistics, and the logits are resized back to the label size. Batches hold consecutive images of one
 size (a size change starts a new batch), so no padding tokens take part in merging.
 
@@ -37,8 +37,10 @@ from ..patch import ONLINE, algm_state, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
 from .inference import autocast, default_short_side, prepare
 from .metrics import confusion_matrices, miou, paired_bootstrap
+from .rows import SweepRow
 
-__all__ = ["available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "configure_method", "add_intervals"]
+__all__ = ["available_methods", "SweepConfig", "parse_taus", "sweep", "evaluate", "measured_row", "configure_method",
+           "add_intervals"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class SweepConfig:
         methods: names from :func:`available_methods`; ``baseline`` is measured once.
         values: knob values of non-τ methods (e.g. ``{"tome": [4, 8]}``); default: the registry's.
         local_layer, global_layer, window: the ALGM placement (paper defaults).
-        short_side: resize images to this short side; None = the model's ``input_short_side`` or none.
+        short_side: resize images to this short side; None = the model's ``info.short_side`` or none.
         batch_size: images per forward (at most; a size change ends a batch).
         warmup: untimed forwards on the first batch before each configuration is timed.
         flops_images: GFLOPs are averaged over the first batches holding at least this many images per process,
@@ -125,7 +127,7 @@ def knob(method: str) -> str | None:
     return engine_methods.METHODS[method].knob
 
 
-#: A τ "value" meaning: the model's calibrated (local, global) pair, ``model.algm_thresholds``.
+#: A τ "value" meaning: the model's calibrated (local, global) pair, ``model.info.thresholds``.
 AUTO = "auto"
 #: A τ "value" meaning: the official ALGM code's mode, GBM's online threshold (CLAP at the calibrated τ).
 OFFICIAL = ONLINE
@@ -351,27 +353,29 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
     }
 
 
-def _row(method: str, value: float | str | None, result: dict[str, Any], state: Any = None) -> dict[str, Any]:
+def measured_row(method: str, value: float | str | None, result: dict[str, Any], state: Any = None) -> SweepRow:
+    """The row of ``method`` at knob ``value`` from :func:`evaluate`'s ``result`` (``state``: the model's
+    :func:`algm_state` after it, for the thresholds an ALGM variant ran at)."""
     mean, per_class = miou(result["confusion"])
     algm = state.config if state is not None and state.config is not None else None  # None: not an ALGM variant
-    return {
-        "method": method,
-        "local_threshold": algm.local_threshold if algm and algm.local_layer is not None else None,
-        "global_threshold": algm.global_threshold if algm and algm.global_layer is not None else None,
-        "knob": knob(method),
-        "value": value,
-        "miou": mean,
-        "per_class_iou": [None if math.isnan(v) else v for v in per_class.tolist()],
-        "images_per_s": result["images_per_s"],
-        "images_per_s_spread": result["images_per_s_spread"],
-        "gflops": result["gflops"],
-        "flops_images": result["flops_images"],
-        "tokens": result["tokens"],
-        "stages": result["stages"],
-        "thresholds_used": {s["name"]: s["threshold"] for s in result["stages"] if s.get("threshold") is not None},
-        "images": result["images"],
-        "confusion": result["confusion"].tolist(),
-    }
+    return SweepRow(
+        method=method,
+        local_threshold=algm.local_threshold if algm and algm.local_layer is not None else None,
+        global_threshold=algm.global_threshold if algm and algm.global_layer is not None else None,
+        knob=knob(method),
+        value=value,
+        miou=mean,
+        per_class_iou=[None if math.isnan(v) else v for v in per_class.tolist()],
+        images_per_s=result["images_per_s"],
+        images_per_s_spread=result["images_per_s_spread"],
+        gflops=result["gflops"],
+        flops_images=result["flops_images"],
+        tokens=result["tokens"],
+        stages=result["stages"],
+        thresholds_used={s["name"]: s["threshold"] for s in result["stages"] if s.get("threshold") is not None},
+        images=result["images"],
+        confusion=result["confusion"].tolist(),
+    )
 
 
 def add_intervals(rows: Sequence[dict[str, Any]], confusions: Sequence[Tensor], config: SweepConfig) -> None:
@@ -394,8 +398,8 @@ def add_intervals(rows: Sequence[dict[str, Any]], confusions: Sequence[Tensor], 
 
 def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context | None = None,
           *, progress: bool = True) -> list[dict[str, Any]]:
-    """Rows (see :mod:`algm_viz.plots`) for the baseline and every method × knob value of ``config``,
-    plus ``"knob"``, ``"value"``, ``"images"`` and the ``"confusion"`` matrix. The model's merging
+    """Rows (:meth:`SweepRow.to_dict`) for the baseline and every method × knob value of ``config``, with
+    their bootstrap intervals (:func:`add_intervals`). The model's merging
     configuration is restored afterwards."""
     context = context or Context(0, 1, torch.device("cpu"))
     model.eval()
@@ -409,7 +413,7 @@ def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context 
             label = method if value is None else f"{method} {knob(method)}={value}"
             result = evaluate(model, dataset, config, context, progress=progress and context.is_main, description=label,
                               method=method, progress_log=progress_log)
-            rows.append(_row(method, value, result, algm_state(model)))
+            rows.append(measured_row(method, value, result, algm_state(model)).to_dict())
             confusions.append(result["image_confusions"])
             progress_log.update(0, f"{label} done ({len(rows)}/{len(runs)} configurations)", force=True)
             logger.info("%s: mIoU %.2f, %.2f images/s, %.2f GFLOPs", label, rows[-1]["miou"],

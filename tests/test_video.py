@@ -141,3 +141,44 @@ def test_output_video_holds_every_frame(model, tmp_path):
     assert count == 3
     with pytest.raises(ValueError):
         write_video([], tmp_path / "none", 5)
+
+
+@pytest.fixture(scope="module")
+def panel():
+    gr = pytest.importorskip("gradio")
+    from algm_viz.app.models import ModelRegistry
+    from algm_viz.app.session import SessionCache
+    from algm_viz.app.ui import Handlers
+    from algm_viz.app.video import VideoPanel
+    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    handlers = Handlers(registry, SessionCache(max_side=256), thresholds=(0.6, 1.0), with_gflops=False)
+    with gr.Blocks():
+        return VideoPanel(handlers)
+
+
+def test_the_panel_returns_a_clip_a_plot_and_the_stability(panel, tmp_path):
+    path = write_clip(tmp_path / "clip.avi", frames=5)
+    clip, figure, markdown, summary = panel.analyze("untrained", str(path), 0.6, 0.6, 2, 3, False, 2,
+                                                    progress=lambda *a, **k: None)
+    assert clip.endswith(".webm") and summary["frames"] == 3 and summary["stride"] == 2
+    assert len(summary["stability"]["groups"]) == 2 and "Frame to frame" in markdown
+    assert [trace.x for trace in figure.data][0] == (0, 2, 4)  # frames of the video
+    capture = cv2.VideoCapture(clip)
+    assert capture.read()[0]
+    capture.release()
+
+
+def test_the_panel_refuses_bad_input_clearly(panel, tmp_path):
+    import gradio as gr
+    fake = tmp_path / "clip.mp4"
+    fake.write_bytes(b"\x00not a video" * 100)
+    quiet = lambda *a, **k: None  # noqa: E731
+    with pytest.raises(gr.Error, match="clip.mp4"):
+        panel.analyze("untrained", str(fake), 0.6, 0.6, 2, 3, False, 1, progress=quiet)
+    with pytest.raises(gr.Error, match="stride"):
+        panel.analyze("untrained", str(write_clip(tmp_path / "ok.avi")), 0.6, 0.6, 2, 3, False, 0.5, progress=quiet)
+    with pytest.raises(gr.Error, match="upload a video"):
+        panel.analyze("untrained", None, 0.6, 0.6, 2, 3, False, 1, progress=quiet)
+    long = write_clip(tmp_path / "long.avi", frames=60)
+    with pytest.raises(gr.Error, match="stride of at least 2"):
+        panel.analyze("untrained", str(long), 0.6, 0.6, 2, 3, False, 1, progress=quiet)

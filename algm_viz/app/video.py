@@ -1,0 +1,159 @@
+"""The video panel: upload a short clip, get baseline | ALGM | merge groups as a clip, tokens and latency per
+frame, and the frame-to-frame stability of merge groups and predictions (the ``/video`` endpoint).
+
+``/video`` takes (model, video file, τ local, τ global, window, GBM layer, proportional attention, frame stride)
+and returns (output clip, tokens-and-latency figure, summary Markdown, summary dict). Work is bounded
+(:class:`~algm_viz.video.VideoLimits`); it runs in the ``"long"`` queue one frame at a time after any waiting
+interactive request (:class:`~.longjobs.PriorityGate`), within the long-request time budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Sequence
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from ..video import Clip, FrameResult, VideoError, VideoLimits, analyze_frames, probe, read_clip, render_frame, \
+    stability, write_video
+from .gpu import forward_budget, gpu
+from .longjobs import WorkStopped
+
+__all__ = ["VideoPanel", "video_figure", "video_summary", "LIMITS"]
+
+logger = logging.getLogger(__name__)
+
+#: The app's bounds on one clip (the stride is the user's).
+LIMITS = VideoLimits(max_frames=48, max_seconds=30.0, max_pixels=1920 * 1080)
+#: Largest frame stride the panel offers.
+MAX_STRIDE = 30
+
+
+def video_figure(results: Sequence[FrameResult], stride: int) -> go.Figure:
+    """Tokens after ALGM (left axis) and both forwards' latency (right axis) per analysed frame."""
+    frames = [i * stride for i in range(len(results))]
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=frames, y=[r.tokens["global"] for r in results], mode="lines+markers",
+                                name="ALGM tokens", line={"color": "#1f77b4"}))
+    figure.add_trace(go.Scatter(x=frames, y=[r.tokens["patches"] for r in results], mode="lines",
+                                name="baseline tokens (patches)", line={"color": "#7f7f7f"}))
+    for key, name, color in (("baseline_s", "baseline", "#7f7f7f"), ("algm_s", "ALGM", "#1f77b4")):
+        figure.add_trace(go.Scatter(x=frames, y=[1e3 * getattr(r, key) for r in results], mode="lines",
+                                    name=f"{name} latency (ms)", line={"color": color, "dash": "dot"}, yaxis="y2"))
+    figure.update_layout(title="Tokens and latency per frame", xaxis={"title": "frame of the video"},
+                         yaxis={"title": "tokens", "rangemode": "tozero"},
+                         yaxis2={"title": "ms per forward", "overlaying": "y", "side": "right", "showgrid": False,
+                                 "rangemode": "tozero"},
+                         height=360, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def video_summary(clip: Clip, results: Sequence[FrameResult]) -> dict[str, Any]:
+    """Per-frame tokens and times, and the frame-to-frame stability (:func:`algm_viz.video.stability`)."""
+    return {
+        "frames": len(results), "stride": clip.stride, "fps": clip.fps,
+        "size": [int(results[0].image.shape[1]), int(results[0].image.shape[0])],
+        "tokens": [dict(r.tokens) for r in results],
+        "latency_ms": {"baseline": [1e3 * r.baseline_s for r in results], "algm": [1e3 * r.algm_s for r in results]},
+        "stability": stability(results),
+    }
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary in two lines."""
+    mean = summary["stability"]["mean"]
+    tokens = [t["global"] for t in summary["tokens"]]
+    latency = summary["latency_ms"]
+    lines = [f"**{summary['frames']} frames** (every {summary['stride']}. of the video, {summary['size'][0]}×"
+             f"{summary['size'][1]} model input) · ALGM tokens {min(tokens)}–{max(tokens)} of "
+             f"{summary['tokens'][0]['patches']} · latency baseline {sum(latency['baseline']) / len(tokens):.0f} ms, "
+             f"ALGM {sum(latency['algm']) / len(tokens):.0f} ms (means)"]
+    if mean["groups"] is None:
+        lines.append("One frame: no frame-to-frame stability to measure.")
+    else:
+        lines.append(f"**Frame to frame** (means over consecutive analysed frames): {100 * mean['groups']:.1f} % of "
+                     f"patches change merge group; predicted class changes on {100 * mean['class_baseline']:.1f} % of "
+                     f"pixels for the baseline, {100 * mean['class_algm']:.1f} % for ALGM")
+    return "\n\n".join(lines)
+
+
+class VideoPanel:
+    """The panel's components, built where it is created (inside a ``gr.Blocks``); :meth:`wire` connects them.
+    ``handlers``: the app's :class:`~.ui.Handlers` (registry, gate, budget, exports)."""
+
+    def __init__(self, handlers: Any, limits: VideoLimits = LIMITS) -> None:
+        self.handlers, self.limits = handlers, limits
+        with gr.Accordion("Video: merging frame by frame", open=False, elem_id="video-panel"):
+            gr.Markdown(f"Upload a short clip (mp4, webm, avi, ...): each analysed frame runs the baseline and ALGM at "
+                        f"the settings above. Bounds: {limits.describe()}; a longer clip needs a larger stride. The "
+                        "output shows baseline | ALGM | ALGM's merge groups per frame.")
+            with gr.Row():
+                self.video = gr.Video(label="Clip", sources=["upload"], include_audio=True, elem_id="video-input")
+                with gr.Column():
+                    self.stride = gr.Number(1, label="Frame stride (analyse every n-th frame)", minimum=1,
+                                            maximum=MAX_STRIDE, precision=0, elem_id="video-stride")
+                    self.button = gr.Button("Analyse the clip", variant="primary")
+            self.output = gr.Video(label="Baseline | ALGM | merge groups", interactive=False, elem_id="video-output")
+            self.plot = gr.Plot(label="Tokens and latency per frame", elem_id="video-plot")
+            self.summary = gr.Markdown(elem_id="video-summary")
+            self.summary_json = gr.JSON(visible=False)
+
+    def analyze(self, model: str, video: str | None, local_tau: float, global_tau: float, window: int,
+                global_layer: int, prop_attn: bool, stride: float, request: gr.Request | None = None,
+                progress: gr.Progress = gr.Progress()):
+        """-> (output clip path, tokens-and-latency figure, summary Markdown, summary dict)."""
+        if not video:
+            raise gr.Error("upload a video first")
+        if not isinstance(stride, (int, float)) or stride != int(stride) or not 1 <= stride <= MAX_STRIDE:
+            raise gr.Error(f"the frame stride must be a whole number in 1..{MAX_STRIDE}, got {str(stride)[:20]}")
+        entry = self.handlers.registry.get(model)
+        budget = self.handlers.budget(request)
+        try:
+            settings = self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn).validated(entry.depth)
+            clip = read_clip(video, VideoLimits(self.limits.max_frames, self.limits.max_seconds,
+                                                self.limits.max_pixels, int(stride)))
+        except ValueError as error:  # VideoError is one
+            logger.info("video refused: %s", error)
+            raise gr.Error(str(error)) from error
+
+        @contextmanager
+        def step(done: int, total: int) -> Iterator[None]:
+            budget.check(done, total)
+            progress((done, total), desc="frames")
+            with ExitStack() as stack:
+                stack.enter_context(self.handlers.gate.background(entry.lock, lambda: budget.check(done, total)))
+                stack.enter_context(entry.precision())
+                yield
+
+        algm = dict(local_layer=settings.local_layer, global_layer=settings.global_layer,
+                    window=(settings.window, settings.window), local_threshold=settings.local_threshold,
+                    global_threshold=settings.global_threshold, prop_attn=settings.prop_attn)
+        try:
+            results = analyze_frames(entry.model, clip.frames, algm, short_side=entry.short_side,
+                                     device=entry.device, step=step)
+        except WorkStopped as error:
+            raise gr.Error(str(error).replace("configurations", "frames")) from error
+        progress(1.0, desc="writing the clip")
+        frames = [render_frame(r, entry.colors, entry.patch_size, i * clip.stride) for i, r in enumerate(results)]
+        path = write_video(frames, self.handlers.exports.new() / "merging", clip.output_fps)
+        summary = video_summary(clip, results)
+        return str(path), video_figure(results, clip.stride), summary_markdown(summary), summary
+
+    def wire(self, model: gr.components.Component, settings: Sequence[gr.components.Component]) -> None:
+        """Connect the button (``/video``). ``settings``: (τ local, τ global, window, GBM layer, proportional
+        attention) of the page."""
+        limits = self.limits
+
+        def duration(model: str, video: str | None, *rest: Any) -> int:
+            try:
+                info = probe(video) if video else None
+            except VideoError:
+                info = None
+            pixels = info.width * info.height if info else limits.max_pixels
+            return forward_budget(2 * limits.max_frames, pixels)
+
+        self.button.click(gpu(duration)(self.analyze), [model, self.video, *settings, self.stride],
+                          [self.output, self.plot, self.summary, self.summary_json], api_name="video",
+                          concurrency_id="long", concurrency_limit=1)

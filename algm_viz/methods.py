@@ -1,62 +1,120 @@
 """Token-reduction methods as configurations of one engine, each with one knob to sweep.
 
-Every method is a list of :class:`~algm_viz.patch.MergeStage` s, so all of them share the merge
-objects, the unmerging, the timing code and the record the app draws. ``apply_method(model, name,
-value)`` patches a model; ``METHODS[name]`` says what the knob is and which values a sweep tries.
+Every method builds a :class:`~algm_viz.patch.MergePlan` (stages of :mod:`algm_viz.patch.stages`), so
+all of them share the merge objects, the unmerging, the timing code and the record the app draws.
+``apply_method(model, name, value)`` patches a model; ``METHODS[name]`` says what the knob is and which
+values a sweep tries. CTS-style sharing scores its windows with :func:`colour_homogeneity_policy`
+unless given another policy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .clustering import ailurus_planner, expedite_planner
-from .patch import ONLINE, MergeStage, SharePolicy, apply_algm, apply_merging, colour_homogeneity_policy, find_vit
+from .patch import (
+    ONLINE,
+    ClusterStage,
+    GridStage,
+    MergePlan,
+    MergeStage,
+    Pool2dStage,
+    SharePolicy,
+    ShareStage,
+    ToMeStage,
+    algm_config,
+    apply_plan,
+    default_thresholds,
+    find_vit,
+)
 
-__all__ = ["Method", "METHODS", "apply_method"]
+__all__ = ["Method", "METHODS", "apply_method", "colour_homogeneity_policy"]
 
-StageBuilder = Callable[..., list[MergeStage]]
+#: ``build(knob value, depth, *, defaults=None, prop_attn=False, **options) -> MergePlan``. ``defaults``:
+#: ``{"local", "global"}`` τ for an ALGM variant's value of None (:func:`~algm_viz.patch.default_thresholds`).
+PlanBuilder = Callable[..., MergePlan]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method and its knob. ``build(knob value, depth, **options)`` gives its stages."""
+    """A method and its knob. ``build(knob value, depth, **options)`` gives its :class:`MergePlan`."""
 
     name: str
     label: str
     knob: str
     values: tuple[float, ...]
-    build: StageBuilder
+    build: PlanBuilder
     prop_attn: bool = False
     note: str = ""
-    algm: bool = False  # an ALGM variant: ``build(depth, **options)`` gives its (local, global) layers
+    algm: bool = False  # an ALGM variant: the knob is τ and the plan carries its ALGMConfig
 
 
-def _algm_layers(depth: int, local_layer: int | None = 1, global_layer: int | None = 5) -> tuple[int | None, int | None]:
-    return local_layer, None if global_layer is None else min(global_layer, depth)
+def colour_homogeneity_policy(images: Tensor, grid: tuple[int, int], window: tuple[int, int], patch_size: tuple[int, int]) -> Tensor:
+    """A training-free stand-in for CTS's learned policy: the negative colour variance of each
+    superpatch (``window`` patches), so the most uniform superpatches share a token first.
+
+    images: ``[B, 3, H, W]``; returns ``[B, S]`` in :func:`~algm_viz.merging.window_index` order.
+    """
+    (gh, gw), (kh, kw), (ph, pw) = grid, window, patch_size
+    kernel = (kh * ph, kw * pw)
+    region = images[..., : (gh // kh) * kernel[0], : (gw // kw) * kernel[1]].float()
+    mean = F.avg_pool2d(region, kernel)
+    variance = (F.avg_pool2d(region * region, kernel) - mean * mean).mean(1)  # [B, gh//kh, gw//kw]
+    return -variance.flatten(1)
+
+
+def _algm(**fixed: int | None) -> PlanBuilder:
+    """The builder of an ALGM variant whose ``fixed`` layers (``local_layer``/``global_layer``, None = off)
+    win over the options. The value is τ for both stages, None for ``defaults``, or ``"official"`` (CLAP
+    at its default, GBM's online threshold); GBM's layer is clamped to the depth."""
+
+    def build(value: float | str | None, depth: int, *, defaults: Mapping[str, float] | None = None,
+              prop_attn: bool = False, local_layer: int | None = 1, global_layer: int | None = 5,
+              window: tuple[int, int] | int = (2, 2), batch_min: bool = False, mode: str | None = None) -> MergePlan:
+        layers = {"local_layer": local_layer, "global_layer": global_layer, **fixed}
+        last = None if layers["global_layer"] is None else min(layers["global_layer"], depth)
+        if defaults is None and (value is None or value == ONLINE):
+            raise ValueError("an ALGM variant needs defaults (the model's τ) for a value of None or 'official'")
+        config = algm_config(defaults, layers["local_layer"], last, window, None if value == ONLINE else value, value,
+                             prop_attn=prop_attn, batch_min=batch_min, mode=mode)
+        return config.plan()
+
+    return build
+
+
+def _stages(stages: Callable[..., list[MergeStage]]) -> PlanBuilder:
+    """The builder of a method whose stages are ``stages(value, depth, **options)``."""
+
+    def build(value: float, depth: int, *, defaults: Mapping[str, float] | None = None, prop_attn: bool = False,
+              **options: Any) -> MergePlan:
+        return MergePlan(tuple(stages(value, depth, **options)), prop_attn=prop_attn)
+
+    return build
 
 
 def _tome(r: float, depth: int) -> list[MergeStage]:
-    return [MergeStage("tome", layer, r=int(r), metric="keys") for layer in range(1, depth + 1)]
+    return [ToMeStage(layer, r=int(r), metric="keys") for layer in range(1, depth + 1)]
 
 
 def _pool2d(k: float, depth: int, layer: int = 1) -> list[MergeStage]:
-    return [MergeStage("pool2d", layer, window=(int(k), int(k)))]
+    return [Pool2dStage(layer, window=(int(k), int(k)))]
 
 
 def _grid(ratio: float, depth: int, layer: int = 1, stride: tuple[int, int] = (2, 2)) -> list[MergeStage]:
-    return [MergeStage("grid", layer, ratio=ratio, stride=stride)]
+    return [GridStage(layer, ratio=ratio, stride=stride)]
 
 
 def _kv_grid(ratio: float, depth: int, stride: tuple[int, int] = (2, 2)) -> list[MergeStage]:
-    return [MergeStage("grid", layer, ratio=ratio, stride=stride, kv_only=True) for layer in range(1, depth + 1)]
+    return [GridStage(layer, ratio=ratio, stride=stride, kv_only=True) for layer in range(1, depth + 1)]
 
 
 def _cts(budget: float, depth: int, window: tuple[int, int] = (2, 2)) -> list[MergeStage]:
-    return [MergeStage("share", 1, budget=budget, window=window)]
+    return [ShareStage(1, budget=budget, window=window)]
 
 
 def _clustering_layer(depth: int, layer: int | None, fraction: float) -> int:
@@ -69,7 +127,7 @@ def _expedite(keep: float, depth: int, layer: int | None = None, grid: tuple[int
     reconstruction at the encoder output. ``grid=(h, w)`` fixes the cluster grid (else ``keep`` of
     the tokens); ``options`` go to :func:`~algm_viz.clustering.local_kmeans` (``k``, ``temperature``, ...)."""
     planner = partial(expedite_planner, keep=keep, cells=grid, **options)
-    return [MergeStage("cluster", _clustering_layer(depth, layer, EXPEDITE_LAYER), planner=planner, name="expedite")]
+    return [ClusterStage(_clustering_layer(depth, layer, EXPEDITE_LAYER), planner=planner, name="expedite")]
 
 
 def _ailurus(keep: float, depth: int, layer: int | None = None, **options: Any) -> list[MergeStage]:
@@ -77,7 +135,7 @@ def _ailurus(keep: float, depth: int, layer: int | None = None, **options: Any) 
     sixth of the depth), unfolded at the encoder output; ``options`` go to
     :func:`~algm_viz.clustering.density_peaks_clusters` (``k``, ``spatial_weight``, ...)."""
     planner = partial(ailurus_planner, keep=keep, **options)
-    return [MergeStage("cluster", _clustering_layer(depth, layer, AILURUS_LAYER), planner=planner, name="ailurus")]
+    return [ClusterStage(_clustering_layer(depth, layer, AILURUS_LAYER), planner=planner, name="ailurus")]
 
 
 #: Default clustering layers as a fraction of the depth (Expedite 4 of 12, AiluRus 2 of 12: on the bundled
@@ -91,28 +149,28 @@ TAUS = (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("algm", "ALGM (CLAP + GBM)", "τ", TAUS, _algm_layers, algm=True),
-        Method("algm_prop", "ALGM + proportional attention", "τ", TAUS, _algm_layers, algm=True, prop_attn=True,
+        Method("algm", "ALGM (CLAP + GBM)", "τ", TAUS, _algm(), algm=True),
+        Method("algm_prop", "ALGM + proportional attention", "τ", TAUS, _algm(), algm=True, prop_attn=True,
                note="Attention weighs a merged key by the patches it stands for (log-size key bias, as ToMe)."),
-        Method("clap", "ALGM: CLAP only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{**o, "global_layer": None}), algm=True),
-        Method("gbm", "ALGM: GBM only", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{**o, "local_layer": None}), algm=True),
-        Method("gbm1", "ALGM: GBM in layer 1", "τ", TAUS, lambda depth, **o: _algm_layers(depth, **{**o, "local_layer": None, "global_layer": 1}), algm=True),
-        Method("tome", "ToMe (r per layer, keys)", "r", (2, 4, 8, 16, 24, 32), _tome, prop_attn=True),
-        Method("pool2d", "Segformer++ 2-D pooling", "k", (2, 4), _pool2d),
-        Method("grid", "Segformer++ grid matching", "ratio", (0.25, 0.5, 0.75, 0.9), _grid),
-        Method("kv_grid", "Segformer++ key/value merging", "ratio", (0.25, 0.5, 0.75, 0.9), _kv_grid),
+        Method("clap", "ALGM: CLAP only", "τ", TAUS, _algm(global_layer=None), algm=True),
+        Method("gbm", "ALGM: GBM only", "τ", TAUS, _algm(local_layer=None), algm=True),
+        Method("gbm1", "ALGM: GBM in layer 1", "τ", TAUS, _algm(local_layer=None, global_layer=1), algm=True),
+        Method("tome", "ToMe (r per layer, keys)", "r", (2, 4, 8, 16, 24, 32), _stages(_tome), prop_attn=True),
+        Method("pool2d", "Segformer++ 2-D pooling", "k", (2, 4), _stages(_pool2d)),
+        Method("grid", "Segformer++ grid matching", "ratio", (0.25, 0.5, 0.75, 0.9), _stages(_grid)),
+        Method("kv_grid", "Segformer++ key/value merging", "ratio", (0.25, 0.5, 0.75, 0.9), _stages(_kv_grid)),
         Method(
-            "cts", "CTS-style sharing (stand-in policy)", "budget", (0.1, 0.2, 0.3, 0.4), _cts,
+            "cts", "CTS-style sharing (stand-in policy)", "budget", (0.1, 0.2, 0.3, 0.4), _stages(_cts),
             note="CTS's policy is a trained CNN; this uses a training-free stand-in (superpatch colour "
             "homogeneity). Pass policy= to plug in a trained one.",
         ),
-        Method("expedite", "Expedite (hourglass clustering + reconstruction)", "keep", KEEPS, _expedite,
+        Method("expedite", "Expedite (hourglass clustering + reconstruction)", "keep", KEEPS, _stages(_expedite),
                note="Local k-means into an h×w grid of clusters (keep = h·w / patches) in one layer; soft "
                "token reconstruction before the decoder."),
-        Method("ailurus", "AiluRus (spatial-aware density clustering)", "keep", AILURUS_KEEPS, _ailurus,
+        Method("ailurus", "AiluRus (spatial-aware density clustering)", "keep", AILURUS_KEEPS, _stages(_ailurus),
                note="Density-peaks clustering with a spatial prior in one layer; every patch takes its "
                "cluster's output before the decoder."),
-        Method("ailurus_prop", "AiluRus + proportional attention", "keep", AILURUS_KEEPS, _ailurus, prop_attn=True,
+        Method("ailurus_prop", "AiluRus + proportional attention", "keep", AILURUS_KEEPS, _stages(_ailurus), prop_attn=True,
                note="AiluRus with ToMe's log-size key bias: a cluster weighs as the patches it holds."),
     )
 }
@@ -126,16 +184,9 @@ def apply_method(model: nn.Module, name: str, value: float | str | None, *, poli
     ``local_layer``/``global_layer``/``window``/``batch_min``/``mode`` for the
     ALGM variants (a variant's own fixed layers win, e.g. CLAP only ignores ``global_layer``),
     ``stride``/``layer`` for grid matching, ``window`` for sharing, ``layer``/``grid``/``k``/... for
-    Expedite and AiluRus. Returns ``model``."""
+    Expedite and AiluRus. ``policy`` scores the windows of CTS-style sharing. Returns ``model``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     method, depth = METHODS[name], len(find_vit(model).blocks)
-    if method.algm:
-        window = options.pop("window", (2, 2))
-        engine = {key: options.pop(key) for key in ("batch_min", "mode") if key in options}
-        local_layer, global_layer = method.build(depth, **options)
-        local = None if value == ONLINE else value
-        return apply_algm(model, local_layer, global_layer, window, local_threshold=local, global_threshold=value,
-                          prop_attn=method.prop_attn, **engine)
-    stages = method.build(value, depth, **options)
-    return apply_merging(model, stages, prop_attn=method.prop_attn, policy=policy)
+    plan = method.build(value, depth, defaults=default_thresholds(model), prop_attn=method.prop_attn, **options)
+    return apply_plan(model, plan, policy=policy)

@@ -20,7 +20,7 @@ from algm_viz.clustering import (
 from algm_viz.compare_cli import merge_maps
 from algm_viz.flops import count_gflops
 from algm_viz.methods import METHODS, apply_method
-from algm_viz.patch import MergeStage
+from algm_viz.patch import ClusterStage
 
 from test_patch import smooth_images, tiny_segmenter
 
@@ -184,7 +184,7 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(NotImplementedError, match="reconstruction"):
         local_kmeans(tokens, (3, 4), (2, 2)).then(ClusterMerge.identity(1, 4))
     with pytest.raises(ValueError, match="planner"):
-        MergeStage("cluster", 1)
+        ClusterStage(1, planner=None)
 
 
 @pytest.mark.parametrize("name", ["expedite", "ailurus"])

@@ -8,8 +8,17 @@ import torch.nn.functional as F
 
 from algm_viz import algm_state, remove_algm
 from algm_viz.merging import budget_window_merge, bipartite_merge, grid_destinations, local_merge, window_index
-from algm_viz.methods import METHODS, apply_method
-from algm_viz.patch import MergeStage, _attention_with_keys, apply_merging
+from algm_viz.methods import METHODS, apply_method, colour_homogeneity_policy
+from algm_viz.patch import (
+    GBMStage,
+    GridStage,
+    MergePlan,
+    Pool2dStage,
+    ShareStage,
+    ToMeStage,
+    apply_merging,
+)
+from algm_viz.patch.surgery import _attention_with_keys
 
 from test_merging import cosine, partition, structured_tokens
 from test_patch import smooth_images, tiny_segmenter
@@ -140,7 +149,7 @@ def test_kv_merging_of_duplicate_keys_is_exact():
         tokens = torch.randn(1, 24, 64).repeat_interleave(2, dim=1)  # a 6×8 grid: every token twice in its row
         x = block.norm1(torch.cat([encoder.cls_token, tokens], 1))
         expected = block.attn(x)
-        apply_merging(encoder, [MergeStage("grid", 1, ratio=1.0, stride=(1, 2), kv_only=True)])
+        apply_merging(encoder, [GridStage(1, ratio=1.0, stride=(1, 2), kv_only=True)])
         state = algm_state(encoder)
         state.begin((6, 8))
         got, _ = _attention_with_keys(block.attn, x, None, state, 1)
@@ -159,24 +168,54 @@ def test_remove_after_a_method_restores_the_model():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kind, kwargs, error, message",
     [
-        ({"kind": "nope", "layer": 1}, "unknown stage kind"),
-        ({"kind": "gbm", "layer": 1, "threshold": float("nan")}, "threshold"),
-        ({"kind": "tome", "layer": 1, "r": -1}, "r >= 0"),
-        ({"kind": "grid", "layer": 1, "ratio": 1.5}, "ratio"),
-        ({"kind": "share", "layer": 1}, "budget"),
-        ({"kind": "gbm", "layer": 1, "threshold": 0.5, "kv_only": True}, "kv_only"),
+        (GBMStage, {"threshold": float("nan")}, ValueError, "threshold"),
+        (ToMeStage, {"r": -1}, ValueError, "r >= 0"),
+        (ToMeStage, {"r": 2, "metric": "queries"}, ValueError, "metric"),
+        (GridStage, {"ratio": 1.5}, ValueError, "ratio"),
+        (ShareStage, {"budget": None}, ValueError, "budget"),
+        (ShareStage, {}, TypeError, "budget"),
+        (GBMStage, {"threshold": 0.5, "kv_only": True}, TypeError, "kv_only"),
     ],
 )
-def test_bad_stages_are_rejected(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        MergeStage(**kwargs)
+def test_bad_stages_are_rejected(kind, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        kind(1, **kwargs)
+
+
+def test_sharing_needs_a_policy_and_uses_the_one_given():
+    images = smooth_images(1, 96, 128)
+    model = apply_merging(tiny_segmenter(), [ShareStage(1, budget=0.5)])
+    with pytest.raises(RuntimeError, match="policy"), torch.no_grad():
+        model(images)
+    chosen = []
+
+    def policy(*args):
+        chosen.append(args[1:])
+        return -colour_homogeneity_policy(*args)  # the least uniform windows first
+
+    with torch.no_grad():
+        apply_method(model, "cts", 0.5, policy=policy)
+        flipped = model(images)
+        apply_method(model, "cts", 0.5)
+        expected = model(images)
+    assert chosen == [((6, 8), (2, 2), (16, 16))] and not torch.allclose(flipped, expected)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_builds_a_plan_with_one_signature(name):
+    method = METHODS[name]
+    plan = method.build(method.values[0], 6, defaults={"local": 0.8, "global": 0.7}, prop_attn=method.prop_attn)
+    assert isinstance(plan, MergePlan) and plan.stages and plan.prop_attn is method.prop_attn
+    assert (plan.config is not None) is method.algm
+    if method.algm:
+        assert plan.stages == tuple(plan.config.stages()) and {s.threshold for s in plan.stages} == {method.values[0]}
 
 
 def test_unknown_method_and_grid_stage_after_merging_are_errors():
     with pytest.raises(ValueError, match="unknown method"):
         apply_method(tiny_segmenter(), "magic", 1)
-    model = apply_merging(tiny_segmenter(), [MergeStage("tome", 1, r=2), MergeStage("pool2d", 2)])
+    model = apply_merging(tiny_segmenter(), [ToMeStage(1, r=2), Pool2dStage(2)])
     with pytest.raises(RuntimeError, match="full patch grid"), torch.no_grad():
         model(smooth_images(1, 64, 64))

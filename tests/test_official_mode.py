@@ -29,7 +29,7 @@ from algm_viz.merging import (
     online_threshold,
 )
 from algm_viz.models import create_segmenter
-from algm_viz.patch import ALGMConfig, MergeStage, set_thresholds
+from algm_viz.patch import ALGMConfig, GBMStage, ToMeStage, set_thresholds
 
 
 def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -543,9 +543,9 @@ def test_modes_and_thresholds_are_validated_and_discoverable(small_segmenter):
     with pytest.raises(ValueError, match="number"):
         ALGMConfig(global_threshold="online")
     with pytest.raises(ValueError, match="official"):
-        MergeStage("gbm", 5, threshold=ONLINE)
-    with pytest.raises(ValueError, match="clap and gbm"):
-        MergeStage("tome", 2, r=4, mode="official")
+        GBMStage(5, threshold=ONLINE)
+    with pytest.raises(TypeError, match="mode"):  # only CLAP and GBM have an official mode
+        ToMeStage(2, r=4, mode="official")
     model = small_segmenter
     apply_algm(model, 1, 3, mode="official")
     try:

@@ -7,8 +7,8 @@ window of the training crop size. The sweep defaults to the whole image at the m
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterator
+from contextlib import nullcontext
+from typing import ContextManager
 
 import cv2
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..patch import algm_state
+from ..patch import merging_disabled
 from ..preprocess import normalize
 
 __all__ = ["DTYPES", "autocast", "prepare", "prepare_labelled", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "sliding_window_logits",
@@ -189,18 +189,3 @@ def predict_labels(
         to_input = _crop_matrix(padded, size, x.device) @ resize_matrix(grid, padded, x.device)
         axes.append(resize_matrix(size, full, x.device) @ to_input)
     return upsampled_argmax(masks, *axes)
-
-
-@contextmanager
-def merging_disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model`` runs unmerged even if merging is applied; its stages are restored."""
-    state = algm_state(model)
-    if state is None:
-        yield
-        return
-    stages = state.stages
-    state.stages = ()
-    try:
-        yield
-    finally:
-        state.stages = stages

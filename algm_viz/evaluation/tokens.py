@@ -1,5 +1,5 @@
-"""Token bookkeeping shared by the analyses: which class each (merged) token depicts, and which
-patches -> tokens merge holds before a given layer."""
+"""Token bookkeeping shared by the analyses: which class each (merged) token depicts, and (from the merge
+record, :func:`~algm_viz.patch.merge_before_layer`) which patches -> tokens merge holds before a given layer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..datasets import IGNORE_INDEX
 from ..merging import Merge
-from ..patch import MergeRecord
+from ..patch import merge_before_layer
 
 __all__ = ["patch_class_counts", "token_class_counts", "token_classes", "merge_before_layer"]
 
@@ -55,13 +55,3 @@ def token_class_counts(patch_counts: Tensor, merge: Merge | None) -> Tensor:
 def token_classes(class_counts: Tensor) -> Tensor:
     """``[B, T, K]`` counts -> ``[B, T]`` majority class, -1 for tokens without labelled pixels."""
     return torch.where(class_counts.sum(-1) > 0, class_counts.argmax(-1), torch.full_like(class_counts[..., 0], -1))
-
-
-def merge_before_layer(record: MergeRecord | None, layer: int) -> Merge | None:
-    """Patches -> tokens as block ``layer`` (1-based) sees them: the stages of earlier blocks composed
-    (None when no merge ran before ``layer``)."""
-    total = None
-    for _, stage_layer, merge in (record.stages if record is not None else ()):
-        if stage_layer < layer:
-            total = merge if total is None else total.then(merge)
-    return total

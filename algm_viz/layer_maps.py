@@ -1,8 +1,8 @@
 """Merge maps after any encoder layer: which patches share a token once layer L has run, for any method.
 
 A forward's :class:`~algm_viz.patch.MergeRecord` lists its token-reducing stages with their layers; the
-groups after layer L are the stages of layers 1..L composed (a stage runs inside its layer, before the MLP
-or before the attention). Key/value-only merges keep every token and do not show.
+groups after layer L are the stages of layers 1..L composed (:func:`~algm_viz.patch.merge_before_layer` of
+layer L + 1; a stage runs inside its layer, before the MLP or before the attention). Key/value-only merges keep every token and do not show.
 """
 
 from __future__ import annotations
@@ -18,23 +18,18 @@ from torch import nn
 from . import render
 from .evaluation.inference import default_short_side, prepare, resized_shape
 from .methods import METHODS, apply_method
-from .patch import MergeRecord, algm_state, merging_restored
+from .patch import MergeRecord, algm_state, merge_before_layer, merging_restored
 
 __all__ = ["groups_after", "LayerMaps", "layer_maps", "layer_picture", "representative_specs"]
 
 
 def groups_after(record: MergeRecord, layer: int, image: int = 0) -> np.ndarray:
     """``[gh, gw]`` token of each patch of image ``image`` after 1-based encoder ``layer``: the record's stages
-    of layers ``<= layer`` composed; every patch its own token before the first stage."""
-    grid = record.grid
-    total = None
-    for _, stage_layer, merge in record.stages:
-        if stage_layer > layer:
-            break
-        total = merge if total is None else total.then(merge)
+    of layers ``<= layer`` composed (what block ``layer + 1`` sees); every patch its own token before the first."""
+    total = merge_before_layer(record, layer + 1)
     if total is None:
-        return np.arange(grid[0] * grid[1]).reshape(grid)
-    return total.groups[image].cpu().numpy().reshape(grid)
+        return np.arange(record.grid[0] * record.grid[1]).reshape(record.grid)
+    return total.groups[image].cpu().numpy().reshape(record.grid)
 
 
 @dataclass

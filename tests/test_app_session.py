@@ -88,14 +88,23 @@ def test_read_image_file_handles_16bit_gray_rgba_and_rejects_corrupt(tmp_path):
     (dict(local_threshold=float("nan")), "local_threshold"),
     (dict(global_threshold=1.5), "global_threshold"),
     (dict(window=0), "window"),
-    (dict(global_layer=7), "global_layer"),
+    (dict(global_layer=0), "global_layer"),
+    (dict(local_layer=3, global_layer=2), "must not come before"),
     (dict(window=2.5), "whole number"),
     (dict(prop_attn="yes"), "prop_attn"),
 ])
-def test_settings_reject_bad_values(bad, message):
+def test_settings_reject_bad_values_when_built(bad, message):
     values = dict(local_threshold=0.9, global_threshold=0.9, window=2, global_layer=5) | bad
     with pytest.raises(ValueError, match=message):
-        Settings(**values).validated(depth=6)
+        Settings(**values)
+
+
+def test_settings_are_plain_numbers_and_the_model_refuses_a_layer_it_lacks(registry):
+    settings = Settings(np.float32(0.9000001), 0.8, window=2.0, global_layer=np.int64(5), prop_attn=np.bool_(True))
+    assert settings == Settings(0.9, 0.8, 2, 5, prop_attn=True) and type(settings.global_layer) is int
+    session = ImageSession(registry.get("untrained"), scene())  # 6 layers
+    with pytest.raises(ValueError, match="outside the ViT's layers 1..6"):
+        session.algm(Settings(0.9, 0.9, global_layer=7))
 
 
 def test_baseline_runs_once_and_tau_reruns_only_algm(registry, monkeypatch):
@@ -249,7 +258,7 @@ def test_handlers_answer_bad_input_with_clear_errors(handlers, tmp_path):
     good = write(tmp_path, "ok.png", scene())
     cases = [
         (("untrained", good, None, math.nan, 0.9, 2, 5), "local_threshold"),
-        (("untrained", good, None, 0.9, 0.9, 2, 99), "global_layer"),
+        (("untrained", good, None, 0.9, 0.9, 2, 99), "layer 99 is outside the ViT's layers 1..6"),
         (("untrained", write(tmp_path, "tiny.png", scene(4, 4)), None, 0.9, 0.9, 2, 5), "at least"),
         (("no-such-model", good, None, 0.9, 0.9, 2, 5), "unknown model"),
     ]
@@ -371,13 +380,20 @@ def test_gpu_shim_is_a_no_op_without_spaces_and_uses_spaces_gpu_with_it(monkeypa
     assert gpu(30)(handler) == ("on gpu", 30, handler)
 
 
-def test_official_ade20k_models_name_their_150_classes(monkeypatch):
-    import algm_viz.app.models as app_models
+def test_official_ade20k_models_name_their_150_classes(monkeypatch, tmp_path):
+    import algm_viz.models.checkpoint as checkpoint
 
-    monkeypatch.setattr(app_models, "load_segmenter", lambda name: create_segmenter(**{**TINY, "num_classes": 150}))
-    entry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False).get("official:seg_tiny_mask")
+    net = {"backbone": "vit_tiny_patch16_384", "image_size": [64, 64], "patch_size": 8, "d_model": 64, "n_heads": 2,
+           "n_layers": 6, "n_cls": 150, "decoder": {"name": "linear"}}
+    save_segmenter(create_segmenter(**{**TINY, "num_classes": 150}), tmp_path / "official", net)
+    monkeypatch.setattr(checkpoint, "fetch_checkpoint", lambda url: tmp_path / "official")  # no download
+    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    entry = registry.get("official:seg_tiny_mask")
     assert len(entry.class_names) == 150 and entry.class_names[:3] == ("wall", "building", "sky")
     assert entry.class_names[-1] == "flag" and "class 0" not in entry.class_names
+    assert entry.label == "seg_tiny_mask" and entry.short_side == 64, "no short side stated: the registry's"
+    path = registry.get(f"path:{tmp_path / 'official'}")  # the same weights, not an official name
+    assert path.class_names[:2] == ("class 0", "class 1") and path.colors.shape == (150, 3)
 
 
 def test_a_new_image_drops_a_label_map_of_another_size(handlers, tmp_path):

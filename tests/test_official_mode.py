@@ -682,9 +682,9 @@ def test_app_offers_the_official_global_tau_and_shows_the_threshold_used(tmp_pat
     image = np.clip(np.random.default_rng(0).integers(0, 60, (60, 90, 3)) + 100, 0, 255).astype(np.uint8)
     path = str(tmp_path / "image.png")
     cv2.imwrite(path, image)
-    assert Settings(0.8, "official").validated(6).global_threshold == "official"
+    assert Settings(0.8, "official").global_threshold == "official"
     with pytest.raises(ValueError, match="global_threshold"):
-        Settings(0.8, "online").validated(6)
+        Settings(0.8, "online")
     markdown, readout = handlers.analyze("untrained", path, None, 0.8, 0.9, 2, 5, False, True)[5:7]
     assert readout["thresholds"] == {"local": 0.8, "global": "official"}
     used = readout["thresholds_used"]["global"]

@@ -47,7 +47,6 @@ def _percent(part: float, whole: float) -> float:
 def analyze(session: ImageSession, settings: Settings, with_gflops: bool = True) -> Analysis:
     """Run (or fetch) the baseline and the ALGM forward for ``settings`` and draw everything."""
     entry, image = session.entry, session.image
-    settings = settings.validated(entry.depth)
     base, algm = session.baseline(), session.algm(settings)
     latency = session.latency(settings)
     maps, p = algm.maps, entry.patch_size
@@ -145,7 +144,6 @@ def curve(session: ImageSession, settings: Settings, thresholds: Sequence[float]
     curves pass through the readout's setting, which is marked. Returns the figure and the rows (the
     baseline, then each curve's rows with ``"varied"``: ``"local"`` or ``"global"``). ``check(done, total)``
     runs between the forwards and may raise to stop (see :meth:`ImageSession.curve_rows`)."""
-    settings = settings.validated(session.entry.depth)
     current = {"local": settings.local_threshold, "global": settings.global_threshold}
     curves = {}
     for stage, other in (("local", "global"), ("global", "local")):

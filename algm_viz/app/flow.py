@@ -18,7 +18,6 @@ __all__ = ["flow", "flow_figure"]
 def flow(session: ImageSession, settings: Settings) -> dict[str, Any]:
     """``{"baseline", "algm", "tome": layer_flow(...), "tome_r"}`` for the session's image (three counted forwards)."""
     entry = session.entry
-    settings = settings.validated(entry.depth)
     model = entry.model
     with entry.lock, merging_restored(model):
         remove_algm(model)

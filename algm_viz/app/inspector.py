@@ -148,7 +148,6 @@ def inspect(session: ImageSession, settings: Settings, x: Any, y: Any) -> Inspec
     """Everything the inspector shows for point ``(x, y)`` (model-input pixels) under ``settings``, from the
     session's cached forwards (the forwards run only where the cache has none)."""
     entry, image, p = session.entry, session.image, session.entry.patch_size
-    settings = settings.validated(entry.depth)
     row, col = patch_at(x, y, image.shape[:2], p)
     base, algm = session.baseline(), session.algm(settings)
     inspection = inspect_patch(entry.model, algm.capture, base.capture, row, col)

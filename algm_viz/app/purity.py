@@ -25,7 +25,6 @@ def purity(session: ImageSession, settings: Settings) -> tuple[np.ndarray, dict[
     """-> (``[H, W, 3]`` uint8 map of the final groups, mixed ones in red, pure merged ones in green;
     the summary of :func:`~algm_viz.evaluation.purity.summarize` plus ``classes_from``)."""
     entry, image, p = session.entry, session.image, session.entry.patch_size
-    settings = settings.validated(entry.depth)
     base, algm = session.baseline(), session.algm(settings)
     record = algm.capture.record
     from_label = session.label is not None

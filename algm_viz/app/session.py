@@ -76,7 +76,12 @@ class LRU(Generic[V]):
 class Settings:
     """One ALGM configuration: τ per stage, square CLAP window side, 1-based layers, and whether attention
     weighs a merged token by the patches it holds (``prop_attn``). ``global_threshold`` may be
-    ``"official"`` (:data:`~algm_viz.merging.ONLINE`): the official ALGM code's mode, GBM's online τ."""
+    ``"official"`` (:data:`~algm_viz.merging.ONLINE`): the official ALGM code's mode, GBM's online τ.
+
+    Checked once, when built: the values become plain Python numbers (τ rounded to 6 decimals, so equal
+    settings are one cache key) or ``ValueError`` says what is wrong. Whether the layers exist is the model's
+    to say (:func:`~algm_viz.patch.apply_algm` refuses a layer beyond its depth).
+    """
 
     local_threshold: float
     global_threshold: float | str
@@ -85,13 +90,11 @@ class Settings:
     local_layer: int = 1
     prop_attn: bool = False
 
-    def validated(self, depth: int) -> "Settings":
-        """``self`` with plain Python numbers, or ``ValueError`` saying what is wrong."""
-        values = {}
+    def __post_init__(self) -> None:
         for name in ("local_threshold", "global_threshold"):
             value = getattr(self, name)
             if name == "global_threshold" and value == ONLINE:
-                values[name] = ONLINE
+                object.__setattr__(self, name, ONLINE)
                 continue
             try:
                 value = float(value)
@@ -99,8 +102,8 @@ class Settings:
                 raise ValueError(f"{name} must be a number, got {value!r}") from None
             if math.isnan(value) or not TAU_RANGE[0] <= value <= TAU_RANGE[1]:
                 raise ValueError(f"{name} must be in [{TAU_RANGE[0]}, {TAU_RANGE[1]}], got {value}")
-            values[name] = round(value, 6)
-        for name, low, high in (("window", 1, MAX_WINDOW), ("local_layer", 1, depth), ("global_layer", 1, depth)):
+            object.__setattr__(self, name, round(value, 6))
+        for name, high in (("window", MAX_WINDOW), ("local_layer", None), ("global_layer", None)):
             value = getattr(self, name)
             if isinstance(value, float) and (math.isnan(value) or not value.is_integer()):
                 raise ValueError(f"{name} must be a whole number, got {value}")
@@ -108,14 +111,14 @@ class Settings:
                 value = int(value)
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be in {low}..{high}, got {value}")
-            values[name] = value
-        if values["global_layer"] < values["local_layer"]:
+            if value < 1 or (high is not None and value > high):
+                raise ValueError(f"{name} must be in 1..{high or 'the model depth'}, got {value}")
+            object.__setattr__(self, name, value)
+        if self.global_layer < self.local_layer:
             raise ValueError("the global layer must not come before the local layer (layer 1)")
         if not isinstance(self.prop_attn, (bool, np.bool_)):
             raise ValueError(f"prop_attn must be true or false, got {self.prop_attn!r}")
-        return Settings(**values, prop_attn=bool(self.prop_attn))
+        object.__setattr__(self, "prop_attn", bool(self.prop_attn))
 
 
 @dataclass(frozen=True)
@@ -290,23 +293,19 @@ class ImageSession:
 
     def algm(self, settings: Settings) -> ForwardResult:
         """The ALGM forward for ``settings`` (cached)."""
-        settings = settings.validated(self.entry.depth)
         return self._algm.get(settings, lambda: run_forward(self.entry, self.tensor, settings))
 
     def latency(self, settings: Settings, rounds: int = LATENCY_ROUNDS) -> Latency:
         """Baseline and ``settings`` timed in ``rounds`` interleaved rounds (cached per setting and rounds)."""
-        settings = settings.validated(self.entry.depth)
         return self._latency.get((settings, rounds), lambda: run_latency(self.entry, self.tensor, settings, rounds))
 
     def gflops(self, settings: Settings | None) -> float:
         """GFLOPs for ``settings`` (None = baseline; cached)."""
-        settings = settings.validated(self.entry.depth) if settings is not None else None
         return self._gflops.get(settings, lambda: run_gflops(self.entry, self.tensor, settings))
 
     def balance(self, settings: Settings) -> dict[str, Any]:
         """Attention balance per predicted (baseline) class, without and with ALGM (cached);
         see :func:`algm_viz.evaluation.balance.attention_balance`."""
-        settings = settings.validated(self.entry.depth)
         return self._balance.get(settings, lambda: run_balance(self.entry, self.tensor, self.baseline().prediction, settings))
 
     def agreement(self, prediction: np.ndarray) -> tuple[float, list[float]]:

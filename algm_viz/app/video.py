@@ -111,7 +111,7 @@ class VideoPanel:
         entry = self.handlers.registry.get(model)
         budget = self.handlers.budget(request)
         try:
-            settings = self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn).validated(entry.depth)
+            settings = self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn)
             clip = read_clip(video, VideoLimits(self.limits.max_frames, self.limits.max_seconds,
                                                 self.limits.max_pixels, int(stride)))
         except ValueError as error:  # VideoError is one

@@ -73,8 +73,6 @@ def _click(page, selector: str, fx: float, fy: float) -> None:
     page.mouse.click(left + width * fx, top + height * fy)
 
 
-@pytest.mark.xfail(reason="issue 12, open: since the page opens on an example (issue 16's layout), a click on the GBM "
-                          "merge map no longer reaches the inspector in headless Chromium; /inspect itself works", strict=False)
 def test_click_outlines_the_group_and_updates_the_readout(url, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (install it with `apt-get install -y chromium`)")

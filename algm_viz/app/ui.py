@@ -1,7 +1,8 @@
 """The Gradio Blocks: layout, event wiring and the named API endpoints.
 
 Endpoints (``gradio_client``): ``/select_model``, ``/load_checkpoint``, ``/analyze``, ``/curve``,
-``/balance``, ``/export``, ``/compare``, ``/inspect`` (the token inspector, :mod:`.inspector_ui`). Model work runs in one concurrency group (``"gpu"``), comparisons in
+``/balance``, ``/export``, ``/compare``, ``/inspect`` (the token inspector, :mod:`.inspector_ui`), ``/layer_maps`` (:mod:`.layer_maps`), ``/video``
+(:mod:`.video`). Model work runs in one concurrency group (``"gpu"``), comparisons in
 their own (``"long"``: one configuration at a time, after any waiting interactive request) and, on a ZeroGPU
 Space, under ``spaces.GPU``. Bad input raises ``gr.Error`` with the reason (wrongly typed API values too:
 :mod:`.components`); the server keeps serving.
@@ -35,9 +36,11 @@ from .files import PictureFiles, TempFolders, make_temp_dir, prune_uploads, remo
 from .longjobs import Budget, PriorityGate, WorkStopped, client_gone
 from .gpu import forward_budget, gpu, image_pixels
 from .inspector_ui import InspectorPanel
+from .layer_maps import LayerMapsPanel
 from .models import ModelEntry, ModelRegistry
 from .inputs import read_image_file, read_label_file
 from .session import LRU, ImageSession, SessionCache, Settings
+from .video import VideoPanel
 
 __all__ = ["Handlers", "PictureFiles", "build_demo", "ImageInput", "EXAMPLES_DIR"]
 
@@ -527,6 +530,8 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                 pareto_gflops = gr.Plot(label="Quality against GFLOPs")
                 pareto_speed = gr.Plot(label="Quality against throughput")
             compare_maps = gr.Image(label="Final merge groups: A | B", format="png", elem_id="compare-maps")
+            layer_panel = LayerMapsPanel(handlers, entry.depth)
+        video_panel = VideoPanel(handlers)
         with gr.Accordion("Download the figures' data (JSON/CSV)", open=False):
             export_button = gr.Button("Prepare files")
             export_files = gr.File(label="Files", file_count="multiple")
@@ -545,8 +550,11 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
             event.success(on_gpu["curve"](handlers.curve), algm_inputs, [curve_plot, dataset_plot], **names[0], **work) \
                  .success(on_gpu["balance"](handlers.balance), algm_inputs, [balance_plot, balance_summary], **names[1], **work)
 
-        triggers = [label.change, local_tau.release, global_tau.release, window.change, global_layer.release,
-                    prop_attn.change, global_official.change]
+        # a label map the user uploads or clears (.change would also fire when an example or the page's opening
+        # sets it along with its image, whose own change runs the analysis: a second run, whose progress overlay
+        # covered the merge maps and took their clicks)
+        triggers = [label.upload, label.clear, local_tau.release, global_tau.release, window.change,
+                    global_layer.release, prop_attn.change, global_official.change]
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
         # a new image first drops a label map that belongs to another image (an example's), then is analysed
@@ -556,8 +564,11 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         if first[0]:  # set on load, not as initial values: those would become the API's defaults
             opening = [_kept_in_cache(component, path) for component, path in zip((image, label), first)]
             demo.load(lambda: tuple(opening), None, [image, label], api_visibility="private")
-        inspector_panel.wire(inputs, image, [local_image, global_image], [demo.load, label.change, local_tau.release,
-                             global_tau.release, window.change, global_layer.release, prop_attn.change], work)
+        inspector_panel.wire(inputs, image, [local_image, global_image],
+                             [demo.load, label.upload, label.clear, local_tau.release, global_tau.release, window.change,
+                              global_layer.release, prop_attn.change], work)
+        layer_panel.wire([model, image, label, compare_methods_box, map_a, map_b], work)
+        video_panel.wire(model, [local_tau, global_tau, window, global_layer, prop_attn])
         current_model = gr.State(default)  # the model whose controls and results the page shows
 
         def switch_model(event: Any, public: bool = False) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from algm_viz.evaluation.metrics import (bootstrap_weights, confusion_matrices, confusion_matrix, miou, miou_batch,
-                                         paired_bootstrap, pixel_accuracy)
+                                         paired_bootstrap)
 
 
 def test_confusion_matrix_counts_target_rows_prediction_columns():
@@ -54,7 +54,6 @@ def test_class_only_in_prediction_counts_with_zero_iou():
     mean, per_class = miou(confusion)
     assert per_class[0] == pytest.approx(50.0) and per_class[1] == 0 and math.isnan(per_class[2])
     assert mean == pytest.approx(25.0)
-    assert pixel_accuracy(confusion) == pytest.approx(50.0)
 
 
 def test_perfect_prediction_and_no_labelled_pixels():

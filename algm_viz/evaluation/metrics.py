@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..datasets import IGNORE_INDEX
 
-__all__ = ["confusion_matrix", "confusion_matrices", "miou", "miou_batch", "pixel_accuracy", "bootstrap_weights",
+__all__ = ["confusion_matrix", "confusion_matrices", "miou", "miou_batch", "bootstrap_weights",
            "paired_bootstrap"]
 
 
@@ -75,12 +75,6 @@ def miou(confusion: Tensor) -> tuple[float, Tensor]:
     present = union > 0
     mean = float(iou[present].mean()) if bool(present.any()) else math.nan
     return mean, iou
-
-
-def pixel_accuracy(confusion: Tensor) -> float:
-    """Share of labelled pixels classified correctly, in % (NaN without labelled pixels)."""
-    total = int(confusion.sum())
-    return 100 * float(confusion.diagonal().sum()) / total if total else math.nan
 
 
 def miou_batch(confusions: Tensor) -> Tensor:

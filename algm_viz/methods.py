@@ -80,7 +80,8 @@ def _algm(**fixed: int | None) -> PlanBuilder:
         last = None if layers["global_layer"] is None else min(layers["global_layer"], depth)
         if defaults is None and (value is None or value == ONLINE):
             raise ValueError("an ALGM variant needs defaults (the model's τ) for a value of None or 'official'")
-        config = algm_config(defaults, layers["local_layer"], last, window, None if value == ONLINE else value, value,
+        config = algm_config(defaults, local_layer=layers["local_layer"], global_layer=last, window=window,
+                             local_threshold=None if value == ONLINE else value, global_threshold=value,
                              prop_attn=prop_attn, batch_min=batch_min, mode=mode)
         return config.plan()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from torch import nn
 
@@ -25,32 +25,15 @@ def default_thresholds(model: nn.Module) -> dict[str, float]:
     return {stage: float(calibrated.get(stage, fallback)) for stage in ("local", "global")}
 
 
-def algm_config(
-    defaults: Mapping[str, float],
-    local_layer: Optional[int] = 1,
-    global_layer: Optional[int] = 5,
-    window: tuple[int, int] | int = (2, 2),
-    local_threshold: Optional[float] = None,
-    global_threshold: Optional[float | str] = None,
-    *,
-    prop_attn: bool = False,
-    batch_min: bool = False,
-    mode: Optional[str] = None,
-) -> ALGMConfig:
-    """The :class:`ALGMConfig` of :func:`apply_algm`'s arguments; a threshold left as None takes
-    ``defaults["local"]`` / ``defaults["global"]`` (the online rule for GBM when ``mode="official"``)."""
-    if mode == "official" and global_threshold is None:
-        global_threshold = ONLINE
-    return ALGMConfig(
-        local_layer=local_layer,
-        global_layer=global_layer,
-        window=window,
-        local_threshold=local_threshold if local_threshold is not None else defaults["local"],
-        global_threshold=global_threshold if global_threshold is not None else defaults["global"],
-        prop_attn=prop_attn,
-        batch_min=batch_min,
-        mode=mode,
-    )
+def algm_config(defaults: Mapping[str, float], **fields: Any) -> ALGMConfig:
+    """The :class:`ALGMConfig` of ``fields`` (its field names); a threshold that is missing or None takes
+    ``defaults["local"]`` / ``defaults["global"]``, GBM's the online rule when ``mode="official"``."""
+    if fields.get("mode") == "official" and fields.get("global_threshold") is None:
+        fields["global_threshold"] = ONLINE
+    for stage in ("local", "global"):
+        if fields.get(f"{stage}_threshold") is None:
+            fields[f"{stage}_threshold"] = defaults[stage]
+    return ALGMConfig(**fields)
 
 
 def apply_algm(
@@ -78,8 +61,9 @@ def apply_algm(
     ``mode="paper"`` (the default otherwise) follows the paper. Applying again replaces the
     configuration. Returns ``model``.
     """
-    config = algm_config(default_thresholds(model), local_layer, global_layer, window, local_threshold,
-                         global_threshold, prop_attn=prop_attn, batch_min=batch_min, mode=mode)
+    config = algm_config(default_thresholds(model), local_layer=local_layer, global_layer=global_layer, window=window,
+                         local_threshold=local_threshold, global_threshold=global_threshold, prop_attn=prop_attn,
+                         batch_min=batch_min, mode=mode)
     return apply_plan(model, config.plan())
 
 

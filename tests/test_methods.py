@@ -13,10 +13,12 @@ from algm_viz.patch import (
     GBMStage,
     GridStage,
     MergePlan,
+    PlanContext,
     Pool2dStage,
     ShareStage,
     ToMeStage,
     apply_merging,
+    merging_disabled,
 )
 from algm_viz.patch.surgery import _attention_with_keys
 
@@ -204,13 +206,34 @@ def test_sharing_needs_a_policy_and_uses_the_one_given():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_builds_a_plan_with_one_signature(name):
+def test_every_method_builds_a_plan_whose_stages_plan_with_one_signature(name):
     method = METHODS[name]
     plan = method.build(method.values[0], 6, defaults={"local": 0.8, "global": 0.7}, prop_attn=method.prop_attn)
     assert isinstance(plan, MergePlan) and plan.stages and plan.prop_attn is method.prop_attn
     assert (plan.config is not None) is method.algm
     if method.algm:
         assert plan.stages == tuple(plan.config.stages()) and {s.threshold for s in plan.stages} == {method.values[0]}
+    grid, images = (6, 8), smooth_images(2, 96, 128)
+    context = PlanContext(grid, 1, images=images, policy=colour_homogeneity_policy)
+    sequence = torch.cat([torch.randn(2, 1, 16), structured_tokens(2, grid, seed=1)], 1)  # [B, 1 + 48, C]
+    merge = plan.stages[0].plan(sequence, None, context)
+    assert merge.groups.shape == (2, 48) and 0 < int(merge.counts.max()) <= 48
+
+
+@pytest.mark.parametrize("name", ["algm", "tome", "kv_grid", "cts", "ailurus"])
+def test_merging_disabled_runs_the_baseline_and_gives_the_stages_back(name):
+    model = tiny_segmenter()
+    images = smooth_images(1, 64, 96)
+    with torch.no_grad():
+        expected = model(images)
+        apply_method(model, name, METHODS[name].values[-1])
+        merged = model(images)
+        stages = algm_state(model).stages
+        with merging_disabled(model):
+            torch.testing.assert_close(model(images), expected, atol=0, rtol=0)
+            assert not algm_state(model).record.stages and not algm_state(model).record.kv_stages
+        assert algm_state(model).stages == stages
+        torch.testing.assert_close(model(images), merged, atol=0, rtol=0)
 
 
 def test_unknown_method_and_grid_stage_after_merging_are_errors():

@@ -159,16 +159,22 @@ def _methods(rows: Iterable[Row]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline"))
 
 
-def _spread(rows: Sequence[Row]) -> dict[str, Any] | None:
-    spreads = [r.get("images_per_s_spread") for r in rows]
-    if any(s is None for s in spreads):
-        return None
+def _error_bars(centres: Sequence[float], intervals: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Plotly asymmetric error bars from each ``[low, high]`` interval around its centre."""
     return {
         "type": "data",
         "symmetric": False,
-        "array": [s[1] - r["images_per_s"] for s, r in zip(spreads, rows)],
-        "arrayminus": [r["images_per_s"] - s[0] for s, r in zip(spreads, rows)],
+        "array": [high - c for c, (_, high) in zip(centres, intervals)],
+        "arrayminus": [c - low for c, (low, _) in zip(centres, intervals)],
     }
+
+
+def _spread(rows: Sequence[Row]) -> dict[str, Any] | None:
+    """Throughput error bars from each row's ``[p25, p75]`` (None when a row has none)."""
+    spreads = [r.get("images_per_s_spread") for r in rows]
+    if any(s is None for s in spreads):
+        return None
+    return _error_bars([r["images_per_s"] for r in rows], spreads)
 
 
 def _delta_error(rows: Sequence[Row]) -> dict[str, Any] | None:
@@ -177,12 +183,7 @@ def _delta_error(rows: Sequence[Row]) -> dict[str, Any] | None:
     intervals = [r.get("delta_miou_ci") for r in rows]
     if not rows or any(ci is None or r.get("delta_miou") is None for ci, r in zip(intervals, rows)):
         return None
-    return {
-        "type": "data",
-        "symmetric": False,
-        "array": [ci[1] - r["delta_miou"] for ci, r in zip(intervals, rows)],
-        "arrayminus": [r["delta_miou"] - ci[0] for ci, r in zip(intervals, rows)],
-    }
+    return _error_bars([r["delta_miou"] for r in rows], intervals)
 
 
 def _delta_text(row: Row) -> str:

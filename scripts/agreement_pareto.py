@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from algm_viz.bench import engine_ms
-from algm_viz.compare_cli import parse_spec
+from algm_viz.evaluation.bench import engine_ms
+from algm_viz.evaluation.compare import parse_spec
 from algm_viz.datasets import open_dataset, spread_indices
 from algm_viz.evaluation.inference import default_short_side, predict_logits, prepare
 from algm_viz.evaluation.sweep import SweepConfig, sweep

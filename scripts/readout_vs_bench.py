@@ -2,7 +2,7 @@
 
 For each of ``--trials`` trials: a fresh app session of the image gives the readout's speed-up (baseline and
 the setting in interleaved rounds, :meth:`algm_viz.app.session.ImageSession.latency`), then
-:func:`algm_viz.bench.run_benchmark` times the same model, image and calibrated τ pair (interleaved rounds after
+:func:`algm_viz.evaluation.bench.run_benchmark` times the same model, image and calibrated τ pair (interleaved rounds after
 warm-up). Prints one JSON object: the speed-ups of both, per trial, and their ratio.
 
     python scripts/readout_vs_bench.py --image assets/examples/street_0.png --trials 3 --threads 1
@@ -19,7 +19,7 @@ import torch
 
 from algm_viz.app.models import ModelRegistry
 from algm_viz.app.session import LATENCY_ROUNDS, ImageSession, Settings
-from algm_viz.bench import run_benchmark
+from algm_viz.evaluation.bench import run_benchmark
 from algm_viz.preprocess import normalize, read_image
 
 

@@ -17,7 +17,7 @@ from algm_viz.clustering import (
     local_kmeans,
     neighbour_cells,
 )
-from algm_viz.compare_cli import merge_maps
+from algm_viz.evaluation.compare import merge_maps
 from algm_viz.flops import count_gflops
 from algm_viz.methods import METHODS, apply_method
 from algm_viz.patch import ClusterStage

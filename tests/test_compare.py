@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from algm_viz.cli import main
-from algm_viz.compare_cli import compare, merge_maps
+from algm_viz.evaluation.compare import compare, merge_maps
 from algm_viz.models import create_segmenter
 
 

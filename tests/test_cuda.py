@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from algm_viz.evaluation.inference import predict_labels, predict_logits
-from algm_viz.gpu_check import compare_devices
+from algm_viz.evaluation.gpu_check import compare_devices
 from algm_viz.models.loading import load_model
 from algm_viz.preprocess import read_image
 from test_precision import HALF_PIXEL_AGREEMENT, HALF_RELATIVE_ERROR

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from algm_viz import gpu_check
+from algm_viz.cli import gpu_check
 from algm_viz.cli import main
 
 

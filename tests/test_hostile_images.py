@@ -249,7 +249,7 @@ import gradio as gr  # noqa: E402
 
 from algm_viz.app.longjobs import Budget, PriorityGate, WorkStopped  # noqa: E402
 from algm_viz.app.ui import Handlers  # noqa: E402
-from algm_viz.compare_cli import compare, parse_spec  # noqa: E402
+from algm_viz.evaluation.compare import compare, parse_spec  # noqa: E402
 from algm_viz.methods import METHODS  # noqa: E402
 from test_app_session import scene, tiny_registry, write  # noqa: E402
 

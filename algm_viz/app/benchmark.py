@@ -1,26 +1,22 @@
-"""Time the app's work: ``python -m algm_viz.app.benchmark [--model KEY] [--image PATH] [--api]``.
+"""Time the app's work (``algm-viz app-bench [--model KEY] [--image PATH] [--api]``).
 
 Measures, for one image: the first request (preprocessing, baseline forward, GFLOPs), the per-image τ
 curve, and τ releases (ALGM forward + GFLOPs + overlays + readout + curve re-plot with the new τ marker;
 the attention balance, which the app computes after these, is timed separately). With ``--api`` the
 τ releases also go through a launched server and ``gradio_client``, encoding and transfer included.
-Prints one JSON document.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import socket
 import statistics
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..timing import time_once
 from .models import ModelRegistry
-from .ui import EXAMPLES_DIR, Handlers, build_demo
+from .ui import Handlers, build_demo
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
@@ -35,6 +31,9 @@ def _free_port() -> int:
 
 
 def run(model: str, image: str, taus: list[float], window: int, global_layer: int, api: bool, device: str | None) -> dict[str, Any]:
+    """Seconds of the first request, the curve and the τ releases of ``model`` (a registry key) on ``image``:
+    the first τ opens the image, the others (shifted off the curve's grid) are released; ``api`` adds the
+    same releases through a launched server."""
     handlers = Handlers(ModelRegistry(device=device))
     handlers.registry.get(model)
     args = lambda tau: (model, image, None, tau, tau, window, global_layer)  # noqa: E731
@@ -70,26 +69,3 @@ def run(model: str, image: str, taus: list[float], window: int, global_layer: in
         finally:
             demo.close()
     return result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="registry key (default: the app's default model)")
-    parser.add_argument("--image", default=str(EXAMPLES_DIR / "astronaut.png"))
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.9, 0.85, 0.8, 0.75, 0.7, 0.95])
-    parser.add_argument("--window", type=int, default=2)
-    parser.add_argument("--global-layer", type=int, default=5)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--api", action="store_true", help="also time τ releases through a server and gradio_client")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if not Path(args.image).is_file():
-        parser.error(f"no image {args.image}")
-    model = args.model or ModelRegistry(device="cpu").default_key()
-    print(json.dumps(run(model, args.image, args.taus, args.window, args.global_layer, args.api, args.device), indent=2))
-
-
-if __name__ == "__main__":
-    main()

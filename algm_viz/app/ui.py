@@ -23,8 +23,8 @@ import gradio as gr
 import numpy as np
 import PIL.Image
 
-from ..compare_cli import compare as compare_methods
-from ..compare_cli import merge_maps, parse_spec
+from ..evaluation.compare import compare as compare_methods
+from ..evaluation.compare import merge_maps, parse_spec
 from ..merging import ONLINE
 from ..methods import METHODS
 from ..models import CheckpointError

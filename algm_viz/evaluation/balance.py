@@ -12,8 +12,9 @@ A (merged) token's class is the majority pixel label over all patches it holds.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -21,10 +22,10 @@ from ..attention import attention_weights
 from ..capture import ATTENTION_INPUT, block_tokens
 from ..datasets import IGNORE_INDEX
 from ..patch import ALGMConfig, algm_state, find_vit
-from .inference import merging_disabled
+from .inference import merging_disabled, prepare, prepare_labelled
 from .tokens import merge_before_layer, patch_class_counts, token_class_counts, token_classes
 
-__all__ = ["attention_balance", "aggregate_balance", "default_balance_layers", "summarize"]
+__all__ = ["attention_balance", "aggregate_balance", "dataset_balance", "default_balance_layers", "summarize"]
 
 
 def default_balance_layers(model: nn.Module) -> list[int]:
@@ -184,3 +185,31 @@ def aggregate_balance(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         }
 
     return _finish(total("baseline"), total("algm"), stats[0]["layers"])
+
+
+def dataset_balance(
+    model: nn.Module,
+    samples: Iterable[tuple[np.ndarray, np.ndarray | None]],
+    num_classes: int,
+    *,
+    short_side: int | None,
+    device: torch.device | str,
+    labels: str = "gt",
+    layer: int | Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """:func:`aggregate_balance` of :func:`attention_balance` over ``samples`` (image ``[H, W, 3]`` uint8,
+    label map ``[H, W]`` or None), plus ``images``. Token classes come from the label map (``labels="gt"``,
+    resized to the model input by nearest neighbour) or, with ``"pred"`` or without a label map, from the
+    model's own prediction with merging off."""
+    if labels not in ("gt", "pred"):
+        raise ValueError(f"labels is 'gt' or 'pred', got {labels!r}")
+    per_image = []
+    for image, label in samples:
+        if labels == "pred" or label is None:
+            x = prepare(model, image, short_side, device)
+            with merging_disabled(model), torch.inference_mode():
+                target = model(x).argmax(1)
+        else:
+            x, target = prepare_labelled(model, image, label, short_side, device, "the attention balance")
+        per_image.append(attention_balance(model, x, target, num_classes, layer=layer))
+    return {**aggregate_balance(per_image), "images": len(per_image)}

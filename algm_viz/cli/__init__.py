@@ -1,17 +1,18 @@
-"""``algm-viz``: the command-line tool. Each sub-command lives in its own module with
-``add_parser(subparsers)`` (registering the command and its ``run(args)`` handler)."""
+"""``algm-viz``: the command-line tool. Each sub-command lives in its own module of this package with
+``add_parser(subparsers)`` (registering the command and its ``run(args)`` handler), a thin layer of
+options over library calls; no module of the library imports this package."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from typing import Sequence
 
+from . import analyze, app_benchmark, balance, bench, calibrate, compare, gpu_check, sweep, train
+
 #: Modules that define sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES = ("algm_viz.bench", "algm_viz.train_cli", "algm_viz.eval_cli", "algm_viz.compare_cli",
-                   "algm_viz.gpu_check")
+COMMAND_MODULES = (bench, train, sweep, calibrate, analyze, balance, compare, gpu_check, app_benchmark)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(subparsers)
+    for module in COMMAND_MODULES:
+        module.add_parser(subparsers)
     for command in subparsers.choices.values():
         _add_common_options(command)
     return parser

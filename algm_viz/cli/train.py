@@ -8,8 +8,8 @@ import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .datasets import parse_sequences
-from .training.trainer import TrainConfig
+from ..datasets import parse_sequences
+from ..training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training.trainer import train
+    from ..training.trainer import train
 
     summary = train(config_from_args(args))
     log.info("training done: %s", summary)
     if args.export:
-        from .models.bundled import export_run
+        from ..models.bundled import export_run
 
         folder = export_run(Path(args.out) / "best.pt", args.export)
         log.info("exported %s", folder)

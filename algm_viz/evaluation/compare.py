@@ -1,20 +1,13 @@
-"""``algm-viz compare``: every token reducer over its own knob on one image, in one command.
-
-Quality is the agreement mIoU with the baseline's prediction (or the mIoU against ``--label``), GFLOPs
-are counted exactly, throughput is the median of ``--repeats`` timed forwards (the sweep's code on a
-one-image data set). Writes JSON + CSV, an HTML page with the Pareto plots (quality against GFLOPs and
-against throughput), and a PNG with the final merge maps of two methods side by side.
+"""Every token reducer over its own knob on one image (the sweep's code on a one-image data set), and
+the final merge maps of chosen methods side by side: the work behind ``algm-viz compare`` and the app's
+compare tab.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import math
 from contextlib import nullcontext
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
 import cv2
@@ -22,19 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import render
-from .datasets import IGNORE_INDEX, read_image, read_label
-from .evaluation.inference import default_short_side, predict_labels, prepare, resized_shape
-from .evaluation.sweep import SweepConfig, add_intervals, available_methods, knob, parse_taus, sweep
-from .methods import METHODS, apply_method
-from .models.loading import load_model
-from .patch import algm_state, merging_restored, remove_algm
-from .plots import pareto_figure, rows_to_csv, write_html
-from .preprocess import check_label
+from .. import render
+from ..methods import METHODS, apply_method
+from ..patch import algm_state, merging_restored, remove_algm
+from .inference import default_short_side, predict_labels, prepare, resized_shape
+from .sweep import SweepConfig, add_intervals, knob, sweep
 
-__all__ = ["OneImage", "compare", "merge_maps", "parse_spec"]
-
-log = logging.getLogger(__name__)
+__all__ = ["OneImage", "class_names", "compare", "merge_maps", "parse_spec"]
 
 
 class OneImage:
@@ -58,7 +45,8 @@ class OneImage:
         return self.image, self.label
 
 
-def _class_names(model: nn.Module) -> list[str]:
+def class_names(model: nn.Module) -> list[str]:
+    """The model's class names, or ``class 0``, ``class 1``, ... when it carries none."""
     return list(getattr(model, "class_names", None) or [f"class {i}" for i in range(model.num_classes)])
 
 
@@ -97,7 +85,7 @@ def compare(
         with step(0, total), merging_restored(model):
             remove_algm(model)
             label = predict_labels(model, image, short_side=short_side).cpu().numpy().astype(np.uint8)
-    data = OneImage(image, label, _class_names(model), repeats)
+    data = OneImage(image, label, class_names(model), repeats)
     rows = []
     for method, value in runs:
         one = replace(config, methods=[method], taus=[value] if knob(method) == "τ" else config.taus,
@@ -164,55 +152,3 @@ def parse_spec(text: Any) -> tuple[str, float]:
         except (ValueError, TypeError, OverflowError) as error:
             raise ValueError(f"{method}:{number:g} is not a valid setting: {error}") from None
     return method, number
-
-
-def _spec_argument(text: str) -> tuple[str, float]:
-    try:
-        return parse_spec(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
-def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model).eval()
-    image = read_image(args.image)
-    label = None
-    if args.label:
-        label, note = check_label(read_label(args.label), model.num_classes, IGNORE_INDEX)
-        if note:
-            log.warning("%s: %s", args.label, note)
-        label = label.astype(np.uint8)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    values = {name: [float(v) for v in vals.split("/")] for name, _, vals in (item.partition("=") for item in args.values or [])}
-    rows = compare(model, image, methods, label=label, taus=parse_taus(args.taus), values=values,
-                   repeats=args.repeats, short_side=args.short_side)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    quality = "mIoU (%)" if label is not None else "agreement mIoU with the baseline (%)"
-    out.write_text(json.dumps({"model": args.model, "image": str(args.image), "quality": quality, "rows": rows}, indent=2))
-    rows_to_csv(rows, out.with_suffix(".csv"), _class_names(model))
-    figures = [pareto_figure(rows, "gflops"), pareto_figure(rows, "images_per_s")]
-    for figure in figures:
-        figure.update_layout(yaxis_title=quality)
-    write_html(figures, out.with_suffix(".html"), title=f"algm-viz compare: {args.model} on {Path(args.image).name}")
-    maps = merge_maps(model, image, args.maps, args.short_side)
-    cv2.imwrite(str(out.with_suffix(".png")), cv2.cvtColor(maps, cv2.COLOR_RGB2BGR))
-    log.info("wrote %s (+ .csv, .html, .png)", out)
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("compare", help="every token reducer on one image: Pareto plots + merge maps", description=__doc__)
-    parser.add_argument("--model", default="camvid-vit-tiny", help="bundled name/folder, official checkpoint, or untrained:<backbone>")
-    parser.add_argument("--image", required=True, help="the image")
-    parser.add_argument("--label", help="its label map (class ids, 255 = ignore): mIoU instead of agreement")
-    parser.add_argument("--methods", default=",".join(m for m in available_methods() if m != "baseline"),
-                        help="comma-separated methods")
-    parser.add_argument("--taus", default="0.80:0.98:0.02", help="τ values of the ALGM variants (start:stop:step or a,b,c)")
-    parser.add_argument("--values", nargs="*", metavar="METHOD=V1/V2", help="knob values of other methods, e.g. tome=4/8/16")
-    parser.add_argument("--maps", nargs=2, type=_spec_argument, default=[("algm", 0.9), ("tome", 8.0)], metavar="METHOD:VALUE",
-                        help="the two methods whose merge maps are drawn side by side")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration")
-    parser.add_argument("--short-side", type=int, help="resize the image to this short side (None: the model's)")
-    parser.add_argument("--out", default="compare.json", help="JSON out; .csv, .html and .png written beside it")
-    parser.set_defaults(run=run)

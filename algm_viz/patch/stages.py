@@ -9,6 +9,7 @@ residual (token sharing: before the attention). Its :meth:`MergeStage.plan` gets
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import KW_ONLY, dataclass
 from typing import Callable, ClassVar, Optional
 
@@ -102,7 +103,7 @@ class PlanContext:
 
 
 @dataclass(frozen=True)
-class MergeStage:
+class MergeStage(ABC):
     """One merge step in block ``layer`` (1-based); the subclasses are the kinds.
 
     ``metric``: ``"tokens"`` (the block's tokens after the attention residual) or ``"keys"`` (the
@@ -128,10 +129,10 @@ class MergeStage:
         if not self.name:
             object.__setattr__(self, "name", f"{self.kind}{self.layer}")
 
+    @abstractmethod
     def plan(self, metric: Tensor, size: Tensor | None, context: PlanContext) -> Merge:
         """The merge of the patch tokens, from ``metric`` ``[B, T, C]`` and sizes ``size`` ``[B, T, 1]``
         (None = all 1) of the whole sequence, prefix tokens first."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, kw_only=True)

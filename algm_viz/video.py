@@ -172,17 +172,18 @@ def read_clip(path: str | Path, limits: VideoLimits = VideoLimits()) -> Clip:
 
 @dataclass
 class FrameResult:
-    """One frame: the model input ``image`` ``[H, W, 3]`` uint8, both predictions ``[H, W]`` int16, ALGM's final
-    token of each patch ``groups`` ``[gh, gw]`` and ``merged`` ``[gh, gw]`` bool (the patch's token holds several
-    patches), ``tokens`` after each stage, and the two forwards' wall times in seconds."""
+    """One frame: the model input ``image`` ``[H, W, 3]`` uint8, the predictions ``[H, W]`` int16 (``baseline``
+    None where the baseline did not run), ALGM's final token of each patch ``groups`` ``[gh, gw]`` and ``merged``
+    ``[gh, gw]`` bool (the patch's token holds several patches), ``tokens`` after each stage, and the forwards'
+    wall times in seconds."""
 
     image: np.ndarray
-    baseline: np.ndarray
+    baseline: np.ndarray | None
     algm: np.ndarray
     groups: np.ndarray
     merged: np.ndarray
     tokens: dict[str, int]
-    baseline_s: float
+    baseline_s: float | None
     algm_s: float
 
 
@@ -193,11 +194,12 @@ def _forward(model: nn.Module, tensor: torch.Tensor) -> tuple[np.ndarray, float]
 
 def analyze_frames(model: nn.Module, frames: Sequence[np.ndarray], algm: Mapping[str, Any], *,
                    short_side: int | None = None, device: torch.device | str = "cpu",
-                   step: Callable[[int, int], ContextManager[Any]] | None = None) -> list[FrameResult]:
-    """The baseline and the ALGM forward (``apply_algm(model, **algm)``) of each ``[H, W, 3]`` uint8 frame,
-    resized so its short side is ``short_side`` (default: the model's). ``step(done, total)`` wraps each
-    frame's work (a lock, a progress bar, a time budget that raises to stop). The model's merging is
-    restored afterwards."""
+                   step: Callable[[int, int], ContextManager[Any]] | None = None,
+                   baseline: bool = True) -> list[FrameResult]:
+    """The baseline (unless ``baseline`` is False) and the ALGM forward (``apply_algm(model, **algm)``) of each
+    ``[H, W, 3]`` uint8 frame, resized so its short side is ``short_side`` (default: the model's).
+    ``step(done, total)`` wraps each frame's work (a lock, a progress bar, a time budget that raises to stop).
+    The model's merging is restored afterwards."""
     short_side = short_side or default_short_side(model)
     results = []
     with merging_restored(model), torch.inference_mode():
@@ -207,8 +209,10 @@ def analyze_frames(model: nn.Module, frames: Sequence[np.ndarray], algm: Mapping
                                                                                  interpolation=cv2.INTER_AREA)
             with step(done, len(frames)) if step is not None else nullcontext():
                 tensor = prepare(model, shown, None, device)
-                remove_algm(model)
-                baseline, baseline_s = _forward(model, tensor)
+                reference, reference_s = None, None
+                if baseline:
+                    remove_algm(model)
+                    reference, reference_s = _forward(model, tensor)
                 apply_algm(model, **algm)
                 merged_prediction, algm_s = _forward(model, tensor)
                 record = algm_state(model).record
@@ -219,8 +223,8 @@ def analyze_frames(model: nn.Module, frames: Sequence[np.ndarray], algm: Mapping
             counts = {name: int(value[0]) for name, value in record.token_counts().items()}
             tokens = {"patches": grid[0] * grid[1], "local": counts.get("local", grid[0] * grid[1])}
             tokens["global"] = counts.get("global", tokens["local"])
-            results.append(FrameResult(shown, baseline, merged_prediction, groups, render.merged_mask(groups), tokens,
-                                       baseline_s, algm_s))
+            results.append(FrameResult(shown, reference, merged_prediction, groups, render.merged_mask(groups), tokens,
+                                       reference_s, algm_s))
     return results
 
 
@@ -248,28 +252,33 @@ def class_changes(before: np.ndarray, after: np.ndarray) -> float:
 
 def stability(results: Sequence[FrameResult]) -> dict[str, Any]:
     """Frame-to-frame change (shares in [0, 1], one per consecutive pair): ALGM's merge groups
-    (``"groups"``), the baseline's and ALGM's predicted class (``"class_baseline"``, ``"class_algm"``), and
-    their means (``"mean"``; None for a single frame)."""
+    (``"groups"``), ALGM's and, where it ran, the baseline's predicted class (``"class_algm"``,
+    ``"class_baseline"``), and their means (``"mean"``; None for a single frame)."""
     pairs = list(zip(results[:-1], results[1:]))
     changes = {
         "groups": [group_changes(a.groups, b.groups) for a, b in pairs],
-        "class_baseline": [class_changes(a.baseline, b.baseline) for a, b in pairs],
         "class_algm": [class_changes(a.algm, b.algm) for a, b in pairs],
     }
+    if all(r.baseline is not None for r in results):
+        changes["class_baseline"] = [class_changes(a.baseline, b.baseline) for a, b in pairs]
     changes["mean"] = {key: (float(np.mean(values)) if values else None) for key, values in list(changes.items())}
     return changes
 
 
 def render_frame(result: FrameResult, colors: Sequence[Sequence[int]] | np.ndarray, patch_size: int,
                  index: int) -> np.ndarray:
-    """One output frame ``[28 + H, 3W + 8, 3]`` uint8: the baseline segmentation, ALGM's, and ALGM's GBM merge
-    groups, captioned with the frame number, token counts and both forwards' times."""
-    panels = [render.segmentation_overlay(result.image, result.baseline, colors),
-              render.segmentation_overlay(result.image, result.algm, colors),
+    """One output frame ``[28 + H, 3W + 8, 3]`` uint8: the baseline segmentation (where it ran; else
+    ``[28 + H, 2W + 4, 3]``), ALGM's, and ALGM's merge groups, captioned with the frame number, token counts and
+    the forwards' times."""
+    panels = [render.segmentation_overlay(result.image, result.algm, colors),
               render.group_overlay(result.image, result.groups, result.merged, patch_size)]
     tokens = result.tokens
-    caption = (f"frame {index}  baseline | ALGM | merge groups   tokens {tokens['patches']} -> {tokens['local']} -> "
-               f"{tokens['global']}   {1e3 * result.baseline_s:.0f} -> {1e3 * result.algm_s:.0f} ms")
+    shown, times = "ALGM | merge groups", f"{1e3 * result.algm_s:.0f} ms"
+    if result.baseline is not None:
+        panels.insert(0, render.segmentation_overlay(result.image, result.baseline, colors))
+        shown, times = f"baseline | {shown}", f"{1e3 * result.baseline_s:.0f} -> {times}"
+    caption = (f"frame {index}  {shown}   tokens {tokens['patches']} -> {tokens['local']} -> {tokens['global']}   "
+               f"{times}")
     return caption_frame(panels, caption)
 
 

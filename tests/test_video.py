@@ -143,6 +143,17 @@ def test_output_video_holds_every_frame(model, tmp_path):
         write_video([], tmp_path / "none", 5)
 
 
+def test_without_the_baseline_only_algm_runs(model, tmp_path):
+    clip = read_clip(write_clip(tmp_path / "clip.avi", frames=3))
+    with_base = analyze_frames(model, clip.frames, ALGM, short_side=64)
+    alone = analyze_frames(model, clip.frames, ALGM, short_side=64, baseline=False)
+    assert all(r.baseline is None and r.baseline_s is None for r in alone)
+    assert all(np.array_equal(a.algm, b.algm) and np.array_equal(a.groups, b.groups) for a, b in zip(alone, with_base))
+    changes = stability(alone)
+    assert "class_baseline" not in changes and changes["class_algm"] == stability(with_base)["class_algm"]
+    assert render_frame(alone[0], np.zeros((5, 3), np.uint8), 8, 0).shape == (28 + 64, 2 * 96 + 4, 3)
+
+
 @pytest.fixture(scope="module")
 def panel():
     gr = pytest.importorskip("gradio")
@@ -166,6 +177,10 @@ def test_the_panel_returns_a_clip_a_plot_and_the_stability(panel, tmp_path):
     capture = cv2.VideoCapture(clip)
     assert capture.read()[0]
     capture.release()
+    _, figure, markdown, summary = panel.analyze("untrained", str(path), 0.6, 0.6, 2, 3, False, 2, False,
+                                                 progress=lambda *a, **k: None)
+    assert summary["latency_ms"]["baseline"] is None and "baseline" not in markdown
+    assert [trace.name for trace in figure.data if "latency" in trace.name] == ["ALGM latency (ms)"]
 
 
 def test_the_panel_refuses_bad_input_clearly(panel, tmp_path):
@@ -177,6 +192,9 @@ def test_the_panel_refuses_bad_input_clearly(panel, tmp_path):
         panel.analyze("untrained", str(fake), 0.6, 0.6, 2, 3, False, 1, progress=quiet)
     with pytest.raises(gr.Error, match="stride"):
         panel.analyze("untrained", str(write_clip(tmp_path / "ok.avi")), 0.6, 0.6, 2, 3, False, 0.5, progress=quiet)
+    for stride in (float("nan"), True, "2"):
+        with pytest.raises(gr.Error, match="stride"):
+            panel.analyze("untrained", str(write_clip(tmp_path / "ok.avi")), 0.6, 0.6, 2, 3, False, stride, progress=quiet)
     with pytest.raises(gr.Error, match="upload a video"):
         panel.analyze("untrained", None, 0.6, 0.6, 2, 3, False, 1, progress=quiet)
     long = write_clip(tmp_path / "long.avi", frames=60)

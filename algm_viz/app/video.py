@@ -1,8 +1,8 @@
 """The video panel: upload a short clip, get baseline | ALGM | merge groups as a clip, tokens and latency per
 frame, and the frame-to-frame stability of merge groups and predictions (the ``/video`` endpoint).
 
-``/video`` takes (model, video file, τ local, τ global, window, GBM layer, proportional attention, frame stride)
-and returns (output clip, tokens-and-latency figure, summary Markdown, summary dict). Work is bounded
+``/video`` takes (model, video file, τ local, τ global, window, GBM layer, proportional attention, frame stride,
+with the baseline) and returns (output clip, tokens-and-latency figure, summary Markdown, summary dict). Work is bounded
 (:class:`~algm_viz.video.VideoLimits`); it runs in the ``"long"`` queue one frame at a time after any waiting
 interactive request (:class:`~.longjobs.PriorityGate`), within the long-request time budget.
 """
@@ -10,6 +10,7 @@ interactive request (:class:`~.longjobs.PriorityGate`), within the long-request 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -40,6 +41,8 @@ def video_figure(results: Sequence[FrameResult], stride: int) -> go.Figure:
     figure.add_trace(go.Scatter(x=frames, y=[r.tokens["patches"] for r in results], mode="lines",
                                 name="baseline tokens (patches)", line={"color": "#7f7f7f"}))
     for key, name, color in (("baseline_s", "baseline", "#7f7f7f"), ("algm_s", "ALGM", "#1f77b4")):
+        if getattr(results[0], key) is None:
+            continue
         figure.add_trace(go.Scatter(x=frames, y=[1e3 * getattr(r, key) for r in results], mode="lines",
                                     name=f"{name} latency (ms)", line={"color": color, "dash": "dot"}, yaxis="y2"))
     figure.update_layout(title="Tokens and latency per frame", xaxis={"title": "frame of the video"},
@@ -56,7 +59,8 @@ def video_summary(clip: Clip, results: Sequence[FrameResult]) -> dict[str, Any]:
         "frames": len(results), "stride": clip.stride, "fps": clip.fps,
         "size": [int(results[0].image.shape[1]), int(results[0].image.shape[0])],
         "tokens": [dict(r.tokens) for r in results],
-        "latency_ms": {"baseline": [1e3 * r.baseline_s for r in results], "algm": [1e3 * r.algm_s for r in results]},
+        "latency_ms": {"algm": [1e3 * r.algm_s for r in results],
+                       "baseline": None if results[0].baseline_s is None else [1e3 * r.baseline_s for r in results]},
         "stability": stability(results),
     }
 
@@ -68,14 +72,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     latency = summary["latency_ms"]
     lines = [f"**{summary['frames']} frames** (every {summary['stride']}. of the video, {summary['size'][0]}×"
              f"{summary['size'][1]} model input) · ALGM tokens {min(tokens)}–{max(tokens)} of "
-             f"{summary['tokens'][0]['patches']} · latency baseline {sum(latency['baseline']) / len(tokens):.0f} ms, "
-             f"ALGM {sum(latency['algm']) / len(tokens):.0f} ms (means)"]
+             f"{summary['tokens'][0]['patches']} · latency "
+             + (f"baseline {sum(latency['baseline']) / len(tokens):.0f} ms, " if latency["baseline"] else "")
+             + f"ALGM {sum(latency['algm']) / len(tokens):.0f} ms (means)"]
     if mean["groups"] is None:
         lines.append("One frame: no frame-to-frame stability to measure.")
     else:
+        classes = f"{100 * mean['class_algm']:.1f} % for ALGM"
+        if mean.get("class_baseline") is not None:
+            classes = f"{100 * mean['class_baseline']:.1f} % for the baseline, " + classes
         lines.append(f"**Frame to frame** (means over consecutive analysed frames): {100 * mean['groups']:.1f} % of "
-                     f"patches change merge group; predicted class changes on {100 * mean['class_baseline']:.1f} % of "
-                     f"pixels for the baseline, {100 * mean['class_algm']:.1f} % for ALGM")
+                     f"patches change merge group; predicted class changes on {classes} of pixels")
     return "\n\n".join(lines)
 
 
@@ -86,7 +93,7 @@ class VideoPanel:
     def __init__(self, handlers: Any, limits: VideoLimits = LIMITS) -> None:
         self.handlers, self.limits = handlers, limits
         with gr.Accordion("Video: merging frame by frame", open=False, elem_id="video-panel"):
-            gr.Markdown(f"Upload a short clip (mp4, webm, avi, ...): each analysed frame runs the baseline and ALGM at "
+            gr.Markdown(f"Upload a short clip (mp4, webm, avi, ...): each analysed frame runs ALGM (and the baseline) at "
                         f"the settings above. Bounds: {limits.describe()}; a longer clip needs a larger stride. The "
                         "output shows baseline | ALGM | ALGM's merge groups per frame.")
             with gr.Row():
@@ -94,6 +101,8 @@ class VideoPanel:
                 with gr.Column():
                     self.stride = gr.Number(1, label="Frame stride (analyse every n-th frame)", minimum=1,
                                             maximum=MAX_STRIDE, precision=0, elem_id="video-stride")
+                    self.with_baseline = gr.Checkbox(True, label="Also run the baseline (beside ALGM; about twice the time)",
+                                                     elem_id="video-baseline")
                     self.button = gr.Button("Analyse the clip", variant="primary")
             self.output = gr.Video(label="Baseline | ALGM | merge groups", interactive=False, elem_id="video-output")
             self.plot = gr.Plot(label="Tokens and latency per frame", elem_id="video-plot")
@@ -101,13 +110,17 @@ class VideoPanel:
             self.summary_json = gr.JSON(visible=False)
 
     def analyze(self, model: str, video: str | None, local_tau: float, global_tau: float, window: int,
-                global_layer: int, prop_attn: bool, stride: float, request: gr.Request | None = None,
+                global_layer: int, prop_attn: bool, stride: float, with_baseline: bool = True,
+                request: gr.Request | None = None,
                 progress: gr.Progress = gr.Progress()):
         """-> (output clip path, tokens-and-latency figure, summary Markdown, summary dict)."""
         if not video:
             raise gr.Error("upload a video first")
-        if not isinstance(stride, (int, float)) or stride != int(stride) or not 1 <= stride <= MAX_STRIDE:
+        if (isinstance(stride, bool) or not isinstance(stride, (int, float)) or not math.isfinite(stride)
+                or stride != int(stride) or not 1 <= stride <= MAX_STRIDE):
             raise gr.Error(f"the frame stride must be a whole number in 1..{MAX_STRIDE}, got {str(stride)[:20]}")
+        if not isinstance(with_baseline, bool):
+            raise gr.Error(f"with the baseline must be true or false, got {str(with_baseline)[:20]}")
         entry = self.handlers.registry.get(model)
         budget = self.handlers.budget(request)
         try:
@@ -132,7 +145,7 @@ class VideoPanel:
                     global_threshold=settings.global_threshold, prop_attn=settings.prop_attn)
         try:
             results = analyze_frames(entry.model, clip.frames, algm, short_side=entry.short_side,
-                                     device=entry.device, step=step)
+                                     device=entry.device, step=step, baseline=with_baseline)
         except WorkStopped as error:
             raise gr.Error(str(error).replace("configurations", "frames")) from error
         progress(1.0, desc="writing the clip")
@@ -154,6 +167,6 @@ class VideoPanel:
             pixels = info.width * info.height if info else limits.max_pixels
             return forward_budget(2 * limits.max_frames, pixels)
 
-        self.button.click(gpu(duration)(self.analyze), [model, self.video, *settings, self.stride],
+        self.button.click(gpu(duration)(self.analyze), [model, self.video, *settings, self.stride, self.with_baseline],
                           [self.output, self.plot, self.summary, self.summary_json], api_name="video",
                           concurrency_id="long", concurrency_limit=1)

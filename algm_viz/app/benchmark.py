@@ -30,11 +30,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(model: str, image: str, taus: list[float], window: int, global_layer: int, api: bool, device: str | None) -> dict[str, Any]:
-    """Seconds of the first request, the curve and the τ releases of ``model`` (a registry key) on ``image``:
-    the first τ opens the image, the others (shifted off the curve's grid) are released; ``api`` adds the
-    same releases through a launched server."""
-    handlers = Handlers(ModelRegistry(device=device))
+def run(model: str, image: str, taus: list[float], window: int, global_layer: int, api: bool, device: str | None,
+        registry: ModelRegistry | None = None) -> dict[str, Any]:
+    """Seconds of the first request, the curve and the τ releases of ``model`` (a key of ``registry``, by
+    default the app's registry on ``device``) on ``image``: the first τ opens the image, the others (shifted
+    off the curve's grid) are released; ``api`` adds the same releases through a launched server."""
+    handlers = Handlers(registry or ModelRegistry(device=device))
     handlers.registry.get(model)
     args = lambda tau: (model, image, None, tau, tau, window, global_layer)  # noqa: E731
     release = lambda tau: (handlers.analyze(*args(tau)), handlers.curve(*args(tau)))  # noqa: E731

@@ -1,6 +1,8 @@
 """Video: frames read within bounds from clips written here, bad files refused, per-frame analysis, the
 stability metrics on hand-built cases, and the output clip read back."""
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -200,3 +202,36 @@ def test_the_panel_refuses_bad_input_clearly(panel, tmp_path):
     long = write_clip(tmp_path / "long.avi", frames=60)
     with pytest.raises(gr.Error, match="stride of at least 2"):
         panel.analyze("untrained", str(long), 0.6, 0.6, 2, 3, False, 1, progress=quiet)
+
+
+@pytest.mark.slow
+def test_video_and_layer_maps_endpoints_through_gradio_client(tmp_path):
+    client_module = pytest.importorskip("gradio_client")
+    from conftest import free_port
+
+    from algm_viz.app.models import ModelRegistry
+    from algm_viz.app.session import SessionCache
+    from algm_viz.app.ui import EXAMPLES_DIR, Handlers, build_demo
+    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    handlers = Handlers(registry, SessionCache(max_side=128), thresholds=(0.6, 1.0), with_gflops=False)
+    demo = build_demo(handlers, prerun=False).queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = client_module.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        clip = client_module.handle_file(str(write_clip(tmp_path / "clip.avi", frames=4)))
+        video, figure, markdown, summary = client.predict("untrained", clip, 0.6, 0.6, 2, 3, False, 2, True,
+                                                          api_name="/video")
+        video = video["video"] if isinstance(video, dict) else video
+        assert str(video).endswith(".webm") and summary["frames"] == 2 and "Frame to frame" in markdown
+        fake = tmp_path / "fake.mp4"
+        fake.write_bytes(b"\x00" * 4096)
+        with pytest.raises(Exception, match="fake.mp4"):
+            client.predict("untrained", client_module.handle_file(str(fake)), 0.6, 0.6, 2, 3, False, 1, True,
+                           api_name="/video")
+        image = client_module.handle_file(str(EXAMPLES_DIR / "coffee.png"))
+        picture = client.predict("untrained", image, None, ["algm", "tome"], "algm:0.9", "tome:8", 3,
+                                 api_name="/layer_maps")
+        assert Path(picture).is_file()
+    finally:
+        demo.close()

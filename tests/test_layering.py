@@ -48,7 +48,7 @@ def library_files() -> list[Path]:
     return sorted(files) + [ROOT / "app.py"]
 
 
-def test_the_walk_resolves_relative_imports(tmp_path):
+def test_the_walk_resolves_relative_imports():
     nested = PACKAGE / "app" / "ui.py"
     assert "algm_viz.evaluation.compare" in imported_modules(nested)
     assert any(is_command(name) for name in imported_modules(PACKAGE / "__main__.py"))  # the walk sees ``from .cli``

@@ -197,6 +197,8 @@ def test_the_panel_refuses_bad_input_clearly(panel, tmp_path):
     for stride in (float("nan"), True, "2"):
         with pytest.raises(gr.Error, match="stride"):
             panel.analyze("untrained", str(write_clip(tmp_path / "ok.avi")), 0.6, 0.6, 2, 3, False, stride, progress=quiet)
+    with pytest.raises(gr.Error, match="layer"):
+        panel.analyze("untrained", str(write_clip(tmp_path / "ok.avi")), 0.6, 0.6, 2, 99, False, 1, progress=quiet)
     with pytest.raises(gr.Error, match="upload a video"):
         panel.analyze("untrained", None, 0.6, 0.6, 2, 3, False, 1, progress=quiet)
     long = write_clip(tmp_path / "long.avi", frames=60)

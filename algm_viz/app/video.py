@@ -121,9 +121,9 @@ class VideoPanel:
             raise gr.Error(f"the frame stride must be a whole number in 1..{MAX_STRIDE}, got {str(stride)[:20]}")
         if not isinstance(with_baseline, bool):
             raise gr.Error(f"with the baseline must be true or false, got {str(with_baseline)[:20]}")
-        entry = self.handlers.registry.get(model)
         budget = self.handlers.budget(request)
         try:
+            entry = self.handlers.registry.get(model)  # CheckpointError is a ValueError
             settings = self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn)
             clip = read_clip(video, VideoLimits(self.limits.max_frames, self.limits.max_seconds,
                                                 self.limits.max_pixels, int(stride)))
@@ -148,6 +148,9 @@ class VideoPanel:
                                      device=entry.device, step=step, baseline=with_baseline)
         except WorkStopped as error:
             raise gr.Error(str(error).replace("configurations", "frames")) from error
+        except ValueError as error:  # e.g. a layer beyond the model's depth
+            logger.info("video refused: %s", error)
+            raise gr.Error(str(error)) from error
         progress(1.0, desc="writing the clip")
         frames = [render_frame(r, entry.colors, entry.patch_size, i * clip.stride) for i, r in enumerate(results)]
         path = write_video(frames, self.handlers.exports.new() / "merging", clip.output_fps)

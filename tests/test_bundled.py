@@ -20,6 +20,7 @@ from algm_viz.models.bundled import (
     read_bundled_config,
     save_bundled,
 )
+from algm_viz.models.loading import load_model
 from algm_viz.patch import algm_state, apply_algm
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -41,9 +42,10 @@ def test_round_trip_keeps_predictions_and_metadata(tmp_path):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded = load_bundled(folder)
-    assert loaded.class_names == ("a", "b", "c") and loaded.colors[2] == (0, 0, 255)
-    assert loaded.input_short_side == 64 and loaded.algm_thresholds == {"local": 0.8, "global": 0.85}
-    assert read_bundled_config(folder)["training"] == {"epochs": 1}
+    info = loaded.info
+    assert info.class_names == ("a", "b", "c") and info.colors[2] == (0, 0, 255) and info.name == "tiny"
+    assert info.short_side == 64 and info.thresholds == {"local": 0.8, "global": 0.85} and info.trained
+    assert read_bundled_config(folder)["training"] == info.card["training"] == {"epochs": 1}
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images), atol=2e-2, rtol=2e-2)
@@ -75,9 +77,9 @@ def test_shipped_model_loads_offline_with_calibrated_thresholds():
     weights = SHIPPED / "model.safetensors"
     assert weights.stat().st_size <= 15 * 2**20
     model = load_bundled()  # DEFAULT_MODEL, from the repository: no network involved
-    assert model.num_classes == len(model.class_names) == len(model.colors) == 11
-    assert model.class_names[3] == "Road" and model.input_short_side > 0
-    tau = model.algm_thresholds
+    assert model.num_classes == len(model.info.class_names) == len(model.info.colors) == 11
+    assert model.info.class_names[3] == "Road" and model.info.short_side > 0
+    tau = model.info.thresholds
     assert set(tau) == {"local", "global"} and all(0 < v < 1 for v in tau.values())
 
 
@@ -127,3 +129,20 @@ def test_model_card_numbers_come_from_the_sweep_files():
         assert row["GFLOPs"] == f"{match[0]['gflops']:.2f}"
         assert row["images/s"] == f"{match[0]['images_per_s']:.2f}"
     assert re.search(r"\b\d+ epochs\b", (SHIPPED / "MODEL_CARD.md").read_text())
+
+
+def test_one_resolver_reads_the_app_keys_and_plain_names():
+    assert load_model(f"bundled:{DEFAULT_MODEL}").info == load_model(DEFAULT_MODEL).info
+    small = dict(depth=2, embed_dim=32, num_heads=2, image_size=32)
+    state = torch.random.get_rng_state()
+    first = load_model("untrained:vit_tiny_patch16_384", num_classes=3, untrained=small)
+    assert torch.equal(torch.random.get_rng_state(), state), "the global random state is left as it was"
+    again = load_model("untrained:vit_tiny_patch16_384", num_classes=3, untrained=small)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    other = load_model("untrained:vit_tiny_patch16_384", num_classes=3, untrained=small, seed=1)
+    assert not torch.equal(other.encoder.patch_embed.proj.weight, first.encoder.patch_embed.proj.weight)
+    assert not first.info.trained and first.info.class_names == ("class 0", "class 1", "class 2")
+    with pytest.raises(ValueError, match="unknown official model"):
+        load_model("official:nope")
+    with pytest.raises(FileNotFoundError, match="is not a bundled model"):
+        load_model("no-such-model")

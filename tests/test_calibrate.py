@@ -115,7 +115,7 @@ def test_store_thresholds_in_official_folder_and_bundled_json(tmp_path):
     folder = save_segmenter(model, tmp_path / "official", net)
     assert store_thresholds(folder, result).name == "variant.yml"
     loaded = load_segmenter(folder)
-    assert loaded.algm_thresholds == pytest.approx(result["thresholds"])
+    assert loaded.info.thresholds == pytest.approx(result["thresholds"])
     bundled = tmp_path / "bundled"
     bundled.mkdir()
     (bundled / "config.json").write_text(json.dumps({"model": {}, "algm_thresholds": None}))
@@ -137,4 +137,4 @@ def test_cli_calibrate_stores_with_the_model(tmp_path, random_folder_data, tiny_
     assert code == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 and set(result["layers"]) == {"1", "4"}
-    assert load_segmenter(folder).algm_thresholds == pytest.approx(result["thresholds"])
+    assert load_segmenter(folder).info.thresholds == pytest.approx(result["thresholds"])

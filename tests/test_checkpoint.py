@@ -187,7 +187,7 @@ def test_official_style_variant_with_tuples_loads(official):
 def test_calibration_thresholds_in_the_variant_are_used(official):
     folder, _ = official
     (folder / "variant.yml").write_text(yaml.safe_dump({**variant(), "algm_thresholds": {"local": 0.8, "global": 0.7}}))
-    assert load_segmenter(folder).algm_thresholds == {"local": 0.8, "global": 0.7}
+    assert load_segmenter(folder).info.thresholds == {"local": 0.8, "global": 0.7}
     (folder / "variant.yml").write_text(yaml.safe_dump({**variant(), "algm_thresholds": {"local": "high"}}))
-    with pytest.raises(CheckpointError, match="algm_thresholds must map names to numbers"):
+    with pytest.raises(CheckpointError, match="algm_thresholds must map 'local'/'global' to numbers"):
         load_segmenter(folder)

@@ -256,7 +256,7 @@ def test_controls_follow_a_two_layer_model(tmp_path):
     assert readout["tokens"]
     untrained_layer = handlers.select_model("untrained")[2]
     assert (untrained_layer.maximum, untrained_layer.value) == (6, 5)
-    with pytest.raises(gr.Error, match="global_layer must be in 1..2, got 5"):
+    with pytest.raises(gr.Error, match="layer 5 is outside the ViT's layers 1..2"):
         handlers.analyze(key, _image(tmp_path), None, 0.9, 0.9, 2, 5)
 
 

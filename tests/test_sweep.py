@@ -14,6 +14,7 @@ from algm_viz import algm_state, apply_algm
 from algm_viz.cli import main
 from algm_viz.datasets import open_dataset
 from algm_viz.evaluation.inference import predict_logits
+from algm_viz.evaluation.rows import SweepRow
 from algm_viz.evaluation.sweep import SweepConfig, parse_taus, sweep
 from algm_viz.models import create_segmenter, save_segmenter
 from algm_viz.plots import pareto_figure, rows_to_csv, threshold_figure
@@ -134,7 +135,7 @@ def test_other_engine_methods_sweep_their_own_knob(data):
 
 def test_auto_sweeps_the_calibrated_threshold_pair(data):
     model = _model()
-    model.algm_thresholds = {"local": 0.5, "global": -2.0}
+    model.info = model.info.with_changes(thresholds={"local": 0.5, "global": -2.0})
     (row,) = sweep(model, data, SweepConfig(taus=parse_taus("auto"), methods=["algm"], warmup=0, flops_images=0, limit=2),
                    progress=False)
     assert (row["value"], row["local_threshold"], row["global_threshold"]) == ("auto", 0.5, -2.0)
@@ -143,7 +144,7 @@ def test_auto_sweeps_the_calibrated_threshold_pair(data):
 
 def test_every_algm_variant_sweeps_the_calibrated_pair(data):
     model = _model()
-    model.algm_thresholds = {"local": 0.5, "global": -2.0}
+    model.info = model.info.with_changes(thresholds={"local": 0.5, "global": -2.0})
     rows = sweep(model, data, SweepConfig(taus=["auto"], methods=["clap", "gbm", "gbm1"], warmup=0, flops_images=0,
                                           limit=2), progress=False)
     assert [(r["method"], r["local_threshold"], r["global_threshold"]) for r in rows] == [
@@ -293,3 +294,13 @@ def test_every_command_takes_threads_and_shows_its_defaults():
     sweep_help = " ".join(commands["sweep"].format_help().split())
     for default in ("(default: 0.80:0.98:0.02)", "(default: results.json)", "(default: 1000)", "(default: -1)"):
         assert default in sweep_help
+
+
+def test_rows_read_back_the_shipped_sweep_exactly():
+    stored = json.loads((Path(__file__).resolve().parents[1] / "assets" / "models" / "camvid-vit-tiny" / "sweep.json").read_text())
+    rows = stored["rows"] if isinstance(stored, dict) else stored
+    again = [SweepRow.from_dict(row).to_dict() for row in rows]
+    assert again == rows and [list(r) for r in again] == [list(r) for r in rows], "the same keys, in the same order"
+    assert SweepRow.from_dict({**rows[0], "new_key": 1}).to_dict()["new_key"] == 1, "unknown keys survive"
+    row = SweepRow.from_dict(rows[0])
+    assert row.method == "baseline" and row.tokens["patches"] > 0

@@ -183,7 +183,7 @@ def test_cli_trains_and_exports_a_bundled_model(data_root, tmp_path):
                  "--out", str(out), "--export", str(bundle)])
     assert code == 0
     model = load_bundled(bundle)
-    assert model.class_names == CLASSES and model.input_short_side == 64 and model.num_classes == 3
+    assert model.info.class_names == CLASSES and model.info.short_side == 64 and model.num_classes == 3
     trained = torch.load(out / "best.pt", weights_only=True)["model"]
     weight = "encoder.patch_embed.proj.weight"
     torch.testing.assert_close(model.state_dict()[weight], trained[weight].half().float())

@@ -2,7 +2,8 @@
 
 Keys: ``"bundled:<name>"`` (shipped, offline), ``"untrained"`` (random weights, for trying the UI),
 ``"official:<name>"`` (:data:`algm_viz.models.KNOWN_MODELS`, downloaded and cached on first use) and
-``"path:<folder>"`` (a local checkpoint folder in the official Segmenter format).
+``"path:<folder>"`` (a local checkpoint folder in the official Segmenter format), all resolved by
+:func:`algm_viz.models.loading.load_model`; the registry adds what this server allows.
 
 Loaded models are kept least-recently-used first within a count and memory budget (the default model
 stays); checkpoints from the server's own folders load only where :func:`server_paths_allowed` says so.
@@ -10,7 +11,6 @@ stays); checkpoints from the server's own folders load only where :func:`server_
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import json
 import logging
@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from ..evaluation.inference import autocast
-from ..models import KNOWN_MODELS, CheckpointError, Segmenter, create_segmenter, load_segmenter
-from ..models.ade20k import ADE20K_CLASSES
+from ..models import KNOWN_MODELS, CheckpointError, Segmenter
+from ..models.bundled import bundled_dir
+from ..models.description import ModelInfo
+from ..models.loading import DEFAULT_MODEL, UNTRAINED, load_model
 from ..models.variant import DEFAULT_LIMITS, ModelLimits
 from ..patch import default_thresholds
 from ..render import group_colors
@@ -38,7 +40,6 @@ __all__ = ["ModelEntry", "ModelRegistry", "UNTRAINED_LABEL", "default_device", "
 logger = logging.getLogger(__name__)
 
 UNTRAINED_LABEL = "untrained ViT-Tiny (random weights — for trying the UI only)"
-BUNDLED_NAME = "camvid-vit-tiny"
 #: Largest uploaded file (the app's ``max_file_size``) and checkpoint file the app reads: 1 GiB holds a
 #: ViT-B Segmenter with its optimizer state.
 MAX_UPLOAD_BYTES = 2**30
@@ -69,10 +70,11 @@ def default_device() -> torch.device:
 
 @dataclass
 class ModelEntry:
-    """A loaded model and what the app needs to know about it.
+    """A loaded model and what the app needs to know about it (what the model says of itself is ``model.info``).
 
     Attributes:
-        short_side: inputs are resized so their short side has this many pixels.
+        colors: ``[K, 3]`` uint8 RGB per class (the model's, else the renderer's palette).
+        short_side: inputs are resized so their short side has this many pixels (the model's, else the registry's).
         auto_thresholds: ``{"local", "global"}`` τ used when the user asks for "auto" (the model's
             calibrated μ+σ, else the authors' defaults for its width).
         sweep_rows: dataset-level τ curve rows shipped with the model (``sweep.json``), or None.
@@ -82,11 +84,9 @@ class ModelEntry:
     key: str
     label: str
     model: Segmenter
-    class_names: tuple[str, ...]
     colors: np.ndarray
     short_side: int
     auto_thresholds: dict[str, float]
-    trained: bool
     sweep_rows: list[dict[str, Any]] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     dtype: torch.dtype | None = None  # forwards under autocast in this precision; None = float32
@@ -94,6 +94,18 @@ class ModelEntry:
     def precision(self) -> ContextManager:
         """The autocast context every forward of this model runs in (:attr:`dtype`)."""
         return autocast(self.device, self.dtype)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.model.info
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model.info.class_names
+
+    @property
+    def trained(self) -> bool:
+        return self.model.info.trained
 
     @property
     def device(self) -> torch.device:
@@ -118,12 +130,12 @@ class ModelEntry:
         return list(range(1, max(1, min(largest, self.short_side // self.patch_size)) + 1))
 
 
-def _bundled_folder(name: str) -> Path | None:
-    """The folder of bundled model ``name``, None while it is not part of this installation."""
+def _is_bundled(name: str) -> bool:
+    """Whether bundled model ``name`` is part of this installation."""
     try:
-        return importlib.import_module("algm_viz.models.bundled").bundled_dir(name)
-    except (ImportError, FileNotFoundError):
-        return None
+        return bundled_dir(name).is_dir()
+    except FileNotFoundError:
+        return False
 
 
 def _read_sweep(folder: Path) -> list[dict[str, Any]] | None:
@@ -185,9 +197,9 @@ class ModelRegistry:
     def choices(self) -> list[tuple[str, str]]:
         """``(label, key)`` pairs for a dropdown, default first."""
         out = []
-        if self.include_bundled and _bundled_folder(BUNDLED_NAME) is not None:
-            out.append((f"{BUNDLED_NAME} (bundled, trained on CamVid, offline)", f"bundled:{BUNDLED_NAME}"))
-        out.append((UNTRAINED_LABEL, "untrained"))
+        if self.include_bundled and _is_bundled(DEFAULT_MODEL):
+            out.append((f"{DEFAULT_MODEL} (bundled, trained on CamVid, offline)", f"bundled:{DEFAULT_MODEL}"))
+        out.append((UNTRAINED_LABEL, UNTRAINED))
         for name, info in KNOWN_MODELS.items():
             label = f"{name} — official Segmenter {info['backbone']} {info['dataset'].upper()} (download)"
             out.append((label, f"official:{name}"))
@@ -259,46 +271,40 @@ class ModelRegistry:
         return evicted
 
     def _load(self, key: str) -> ModelEntry:
+        """The entry for ``key``, once this server's policy allows it; :func:`load_model` resolves it."""
         kind, _, name = key.partition(":")
-        if kind == "untrained" and not name:
-            torch.manual_seed(0)
-            model = create_segmenter(**self.untrained)
-            names = tuple(f"class {i}" for i in range(model.num_classes))
-            return self._entry(key, UNTRAINED_LABEL, model, names, None, self.default_short_side, trained=False)
-        if kind == "bundled" and name:
-            if not (self.allow_paths or (name == Path(name).name and name not in (".", ".."))):
-                raise ValueError("loading models from server-side folders is disabled here: name a bundled model")
-            folder = _bundled_folder(name)
-            if folder is None:
-                raise CheckpointError(f"the bundled model {name!r} is not part of this installation")
-            model = importlib.import_module("algm_viz.models.bundled").load_bundled(folder)
-            rows = _read_sweep(folder)
-            return self._entry(key, f"{name} (bundled)", model, tuple(model.class_names), model.colors,
-                               int(model.input_short_side), trained=True, sweep_rows=rows)
-        if kind == "official" and name in KNOWN_MODELS:
-            model = load_segmenter(name)
-            ade20k = KNOWN_MODELS[name].get("dataset") == "ade20k" and model.num_classes == len(ADE20K_CLASSES)
-            names = ADE20K_CLASSES if ade20k else tuple(f"class {i}" for i in range(model.num_classes))
-            return self._entry(key, name, model, names, None, self.default_short_side, trained=True)
-        if kind == "path" and name:
-            if not (self.allow_paths or key in self._added):
-                raise ValueError("loading checkpoints from server-side folders is disabled here: upload the files instead")
-            folder = Path(name).expanduser()
-            model = load_segmenter(folder, limits=self.limits, max_checkpoint_bytes=self.max_checkpoint_bytes)
-            names = tuple(getattr(model, "class_names", None) or (f"class {i}" for i in range(model.num_classes)))
-            rows = _read_sweep(folder if folder.is_dir() else folder.parent)
-            return self._entry(key, f"checkpoint {folder}", model, names, getattr(model, "colors", None),
-                               int(getattr(model, "input_short_side", self.default_short_side)), trained=True, sweep_rows=rows)
-        raise ValueError(f"unknown model {key!r}: choose one of {[k for _, k in self.choices()]} or 'path:<folder>'")
+        if kind == "bundled" and name and not (self.allow_paths or (name == Path(name).name and name not in (".", ".."))):
+            raise ValueError("loading models from server-side folders is disabled here: name a bundled model")
+        if kind == "path" and name and not (self.allow_paths or key in self._added):
+            raise ValueError("loading checkpoints from server-side folders is disabled here: upload the files instead")
+        if key != UNTRAINED and not (kind in ("bundled", "official", "path") and name):
+            raise ValueError(f"unknown model {key!r}: choose one of {[k for _, k in self.choices()]} or 'path:<folder>'")
+        try:
+            model = load_model(key, untrained=self.untrained, limits=self.limits, max_checkpoint_bytes=self.max_checkpoint_bytes)
+        except FileNotFoundError as error:
+            if kind != "bundled":
+                raise
+            raise CheckpointError(f"the bundled model {name!r} is not part of this installation") from error
+        folder = bundled_dir(name) if kind == "bundled" else Path(name).expanduser() if kind == "path" else None
+        rows = _read_sweep(folder if folder.is_dir() else folder.parent) if folder is not None else None
+        return self._entry(key, _label(key, model.info), model, sweep_rows=rows)
 
-    def _entry(self, key: str, label: str, model: Segmenter, names: tuple[str, ...], colors: Any, short_side: int,
-               *, trained: bool, sweep_rows: list[dict[str, Any]] | None = None) -> ModelEntry:
+    def _entry(self, key: str, label: str, model: Segmenter, *, sweep_rows: list[dict[str, Any]] | None = None) -> ModelEntry:
         model = model.to(self.device).eval()
-        palette = np.asarray(colors, dtype=np.uint8).reshape(-1, 3) if colors is not None else group_colors(np.arange(len(names)))
-        if len(palette) < len(names):
-            raise CheckpointError(f"{label}: {len(palette)} colours for {len(names)} classes")
+        info = model.info
+        colors = info.colors if info.colors is not None else group_colors(np.arange(info.num_classes))
+        short_side = info.short_side or self.default_short_side
         if not on_zero_gpu():  # warm-up, so the first request's latency is not the allocator's
             with torch.inference_mode():
                 model(torch.zeros(1, 3, short_side, short_side, device=self.device))
         logger.info("loaded %s on %s", label, self.device)
-        return ModelEntry(key, label, model, names, palette, short_side, default_thresholds(model), trained, sweep_rows)
+        return ModelEntry(key, label, model, np.asarray(colors, dtype=np.uint8).reshape(-1, 3), short_side,
+                          default_thresholds(model), sweep_rows)
+
+
+def _label(key: str, info: ModelInfo) -> str:
+    """The dropdown's words for a loaded model."""
+    kind, _, name = key.partition(":")
+    if key == UNTRAINED:
+        return UNTRAINED_LABEL
+    return {"bundled": f"{name} (bundled)", "path": f"checkpoint {Path(name).expanduser()}"}.get(kind, info.name)

@@ -27,14 +27,12 @@ from ..models.segmenter import DECODERS
 
 
 def _load_model(args: argparse.Namespace) -> nn.Module:
+    from ..models.loading import UNTRAINED, load_model
+
     if args.model:
-        from ..models.loading import load_model
-
         return load_model(args.model)
-    from ..models import create_segmenter
-
-    torch.manual_seed(0)
-    return create_segmenter(args.backbone, decoder=args.decoder, num_classes=args.num_classes, image_size=args.size[0])
+    return load_model(f"{UNTRAINED}:{args.backbone}", num_classes=args.num_classes,
+                      untrained={"decoder": args.decoder, "image_size": args.size[0]})
 
 
 def run_peak_memory(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 
 from ..datasets import IGNORE_INDEX, read_image, read_label
-from ..evaluation.compare import class_names, compare, merge_maps, parse_spec
+from ..evaluation.compare import compare, merge_maps, parse_spec
 from ..evaluation.sweep import available_methods, parse_taus
-from ..models.loading import load_model
+from ..models.description import describe
+from ..models.loading import DEFAULT_MODEL, load_model
 from ..plots import pareto_figure, rows_to_csv, write_html
 from ..preprocess import check_label
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     quality = "mIoU (%)" if label is not None else "agreement mIoU with the baseline (%)"
     out.write_text(json.dumps({"model": args.model, "image": str(args.image), "quality": quality, "rows": rows}, indent=2))
-    rows_to_csv(rows, out.with_suffix(".csv"), class_names(model))
+    rows_to_csv(rows, out.with_suffix(".csv"), describe(model).class_names)
     figures = [pareto_figure(rows, "gflops"), pareto_figure(rows, "images_per_s")]
     for figure in figures:
         figure.update_layout(yaxis_title=quality)
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("compare", help="every token reducer on one image: Pareto plots + merge maps", description=__doc__)
-    parser.add_argument("--model", default="camvid-vit-tiny", help="bundled name/folder, official checkpoint, or untrained:<backbone>")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled name/folder, official checkpoint, or untrained:<backbone>")
     parser.add_argument("--image", required=True, help="the image")
     parser.add_argument("--label", help="its label map (class ids, 255 = ignore): mIoU instead of agreement")
     parser.add_argument("--methods", default=",".join(m for m in available_methods() if m != "baseline"),

@@ -24,6 +24,7 @@ import torch
 
 from ..evaluation.gpu_check import bench_grid, compare_devices, markdown_report
 from ..evaluation.inference import DTYPES
+from ..models.loading import DEFAULT_MODEL
 
 #: Test files whose tests run only with CUDA.
 CUDA_TESTS = ("tests/test_cuda.py", "tests/test_merging.py", "tests/test_patch.py", "tests/test_precision.py")
@@ -66,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("gpu-check", help="CUDA tests, CPU-vs-GPU agreement, bench grid, app timings (one JSON)",
                                    description=__doc__)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--model", default="camvid-vit-tiny", help="model for the CPU/device comparison and the app")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model for the CPU/device comparison and the app")
     parser.add_argument("--model-image", help="image for the app benchmark (default: the first example)")
     parser.add_argument("--backbones", nargs="+",
                         default=["vit_tiny_patch16_384", "vit_small_patch16_384", "vit_base_patch16_384"])

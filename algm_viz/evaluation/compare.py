@@ -17,11 +17,12 @@ from torch import nn
 
 from .. import render
 from ..methods import METHODS, apply_method
+from ..models.description import describe
 from ..patch import algm_state, merging_restored, remove_algm
 from .inference import default_short_side, predict_labels, prepare, resized_shape
 from .sweep import SweepConfig, add_intervals, knob, sweep
 
-__all__ = ["OneImage", "class_names", "compare", "merge_maps", "parse_spec"]
+__all__ = ["OneImage", "compare", "merge_maps", "parse_spec"]
 
 
 class OneImage:
@@ -43,11 +44,6 @@ class OneImage:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.image, self.label
-
-
-def class_names(model: nn.Module) -> list[str]:
-    """The model's class names, or ``class 0``, ``class 1``, ... when it carries none."""
-    return list(getattr(model, "class_names", None) or [f"class {i}" for i in range(model.num_classes)])
 
 
 def _free(done: int, total: int) -> ContextManager[None]:
@@ -85,7 +81,7 @@ def compare(
         with step(0, total), merging_restored(model):
             remove_algm(model)
             label = predict_labels(model, image, short_side=short_side).cpu().numpy().astype(np.uint8)
-    data = OneImage(image, label, class_names(model), repeats)
+    data = OneImage(image, label, describe(model).class_names, repeats)
     rows = []
     for method, value in runs:
         one = replace(config, methods=[method], taus=[value] if knob(method) == "τ" else config.taus,

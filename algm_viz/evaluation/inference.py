@@ -2,7 +2,7 @@
 
 Two modes (as in the official Segmenter code): the whole (resized) image in one forward, or a sliding
 window of the training crop size. The sweep defaults to the whole image at the model's
-``input_short_side`` attribute when it has one, else at the image's own size.
+``info.short_side`` when it states one, else at the image's own size.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.description import describe
 from ..patch import merging_disabled
 from ..preprocess import normalize
 
@@ -30,9 +31,8 @@ TILE_ELEMENTS = 1 << 24
 
 
 def default_short_side(model: nn.Module) -> int | None:
-    """The short side ``model`` was trained at (its ``input_short_side`` attribute), or None."""
-    value = getattr(model, "input_short_side", None)
-    return int(value) if value else None
+    """The short side ``model`` was trained at (``model.info.short_side``), or None."""
+    return describe(model).short_side
 
 
 def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .description import ModelInfo, placeholder_names
 from .segmenter import Segmenter, create_segmenter
 
 __all__ = [
@@ -114,22 +115,31 @@ def save_bundled(
 
 
 def load_bundled(name_or_folder: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu") -> Segmenter:
-    """Rebuild a bundled model in fp32 on ``device``, in eval mode, with attributes ``class_names``,
-    ``colors``, ``input_short_side``, ``algm_thresholds`` and ``bundled_config`` (the whole config.json)."""
+    """Rebuild a bundled model in fp32 on ``device``, in eval mode, described (``model.info``) by its config.json."""
     folder = bundled_dir(name_or_folder)
     config = read_bundled_config(folder)
     try:
         model = build_from_config(config["model"])
         model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()})
+        model.info = _describe(folder.name, config, model.num_classes)
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{folder} does not hold a model its config.json describes: {error}") from error
-    model.class_names = tuple(config.get("class_names") or (f"class {i}" for i in range(model.num_classes)))
-    model.colors = tuple(tuple(c) for c in config.get("colors") or ())
-    model.input_short_side = config.get("input_short_side")
-    thresholds = config.get("algm_thresholds")
-    model.algm_thresholds = {k: float(v) for k, v in thresholds.items()} if thresholds else None
-    model.bundled_config = config
     return model.to(device).eval()
+
+
+def _describe(name: str, config: dict[str, Any], num_classes: int) -> ModelInfo:
+    """The :class:`ModelInfo` of a bundled model's ``config.json``; its fields other than the network's go to ``card``."""
+    thresholds = config.get("algm_thresholds")
+    short_side = config.get("input_short_side")
+    known = {"model", "class_names", "colors", "normalization", "input_short_side", "algm_thresholds"}
+    return ModelInfo(
+        name=name,
+        class_names=tuple(config.get("class_names") or placeholder_names(num_classes)),
+        colors=tuple(tuple(int(v) for v in c) for c in config["colors"]) if config.get("colors") else None,
+        short_side=int(short_side) if short_side is not None else None,
+        thresholds={k: float(v) for k, v in thresholds.items()} if thresholds else None,
+        card={k: v for k, v in config.items() if k not in known},
+    )
 
 
 def export_run(checkpoint: str | os.PathLike, folder: str | os.PathLike, thresholds: Optional[dict[str, float]] = None) -> Path:
@@ -148,11 +158,11 @@ def export_run(checkpoint: str | os.PathLike, folder: str | os.PathLike, thresho
 @torch.no_grad()
 def prediction_digest(model: Segmenter, image: np.ndarray) -> dict[str, Any]:
     """Fingerprint of ``model``'s prediction on ``image`` (``[H, W, 3]`` uint8) as the tools make it
-    (resized to ``model.input_short_side``, logits resized back): ``{"sha256"`` of the ``[H, W]`` uint8
+    (resized to ``model.info.short_side``, logits resized back): ``{"sha256"`` of the ``[H, W]`` uint8
     class map, ``"class_pixels"`` per class``}``."""
-    from ..evaluation.inference import default_short_side, predict_logits
+    from ..evaluation.inference import predict_logits
 
-    classes = predict_logits(model, image, short_side=default_short_side(model)).argmax(0).to(torch.uint8).cpu().numpy()
+    classes = predict_logits(model, image, short_side=model.info.short_side).argmax(0).to(torch.uint8).cpu().numpy()
     counts = np.bincount(classes.ravel(), minlength=model.num_classes)
     return {"sha256": hashlib.sha256(np.ascontiguousarray(classes).tobytes()).hexdigest(),
             "shape": list(classes.shape), "class_pixels": [int(c) for c in counts]}

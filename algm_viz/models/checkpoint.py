@@ -19,6 +19,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .ade20k import ADE20K_CLASSES
+from .description import ModelInfo, placeholder_names
 from .segmenter import POS_EMBED_INTERPOLATIONS, Segmenter, create_segmenter, set_pos_embed_interpolation
 from .variant import DEFAULT_LIMITS, CheckpointError, ModelLimits, NetSpec, check_budget, check_state_shapes, excerpt, read_variant
 
@@ -145,13 +147,21 @@ def load_segmenter(path_or_url: str | os.PathLike, map_location: str | torch.dev
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint.pth does not fit variant.yml: {excerpt(str(error), 300)}") from error
-    thresholds = variant.get("algm_thresholds")
-    if isinstance(thresholds, dict):
-        try:
-            model.algm_thresholds = {str(k): float(v) for k, v in thresholds.items()}
-        except (TypeError, ValueError):
-            raise CheckpointError(f"variant.yml: algm_thresholds must map names to numbers, got {excerpt(thresholds)}") from None
+    model.info = _describe(str(path_or_url), variant, model.num_classes)
     return set_pos_embed_interpolation(model, pos_embed_interpolation).eval()
+
+
+def _describe(name: str, variant: dict[str, Any], num_classes: int) -> ModelInfo:
+    """What a checkpoint says of itself: calibrated τ from ``variant.yml``'s ``algm_thresholds``; the ADE20K
+    class names for an official ADE20K checkpoint (:data:`KNOWN_MODELS`), else placeholders. Inputs keep
+    their size (official checkpoints state none)."""
+    thresholds = variant.get("algm_thresholds")
+    ade20k = KNOWN_MODELS.get(name, {}).get("dataset") == "ade20k" and num_classes == len(ADE20K_CLASSES)
+    try:
+        calibrated = {str(k): float(v) for k, v in thresholds.items()} if isinstance(thresholds, dict) else None
+        return ModelInfo(name, ADE20K_CLASSES if ade20k else placeholder_names(num_classes), thresholds=calibrated)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"variant.yml: algm_thresholds must map 'local'/'global' to numbers, got {excerpt(thresholds)}") from None
 
 
 def save_segmenter(model: Segmenter, folder: str | os.PathLike, net_kwargs: dict[str, Any], **extra: Any) -> Path:

@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..patch import algm_state, merging_restored, remove_algm
 from .decoders import AttentionToMask, SETRNaive, SETRProgressive
+from .description import ModelInfo
 
 __all__ = [
     "Segmenter", "MaskTransformer", "LinearDecoder", "OfficialPosEmbedViT", "create_segmenter",
@@ -135,6 +136,7 @@ class Segmenter(nn.Module):
     """``model(images)``: ``[B, 3, H, W]`` normalised images -> ``[B, num_classes, H, W]`` logits.
 
     Images of any size are zero-padded to a multiple of the patch size and the logits cropped back.
+    ``info`` (:class:`~.description.ModelInfo`) describes it: class names, colours, input size, calibrated τ.
     """
 
     unmerge_in_encoder = False  # ALGM: this model unmerges itself, around its decoder
@@ -146,7 +148,7 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.patch_size = int(encoder.patch_embed.patch_size[0])
         self.normalization = normalization
-        self.algm_thresholds: dict[str, float] | None = None
+        self.info = ModelInfo.untrained(num_classes)  # loaders replace it with what they know
 
     @property
     def pos_embed_interpolation(self) -> str:

@@ -19,8 +19,10 @@ AUTHOR_DEFAULT_THRESHOLDS = {192: 0.90, 384: 0.88, 768: 0.94, 1024: 0.95}
 
 def default_thresholds(model: nn.Module) -> dict[str, float]:
     """``{"local", "global"}``: the τ :func:`apply_algm` uses when given none, i.e. the model's calibrated
-    ``model.algm_thresholds`` where it has them, else the authors' defaults for the ViT's width."""
-    calibrated = getattr(model, "algm_thresholds", None) or {}
+    ``model.info.thresholds`` where it has them, else the authors' defaults for the ViT's width."""
+    from ..models.description import describe  # the models package imports this one
+
+    calibrated = describe(model).thresholds or {}
     fallback = AUTHOR_DEFAULT_THRESHOLDS.get(getattr(find_vit(model), "embed_dim", 0), 0.9)
     return {stage: float(calibrated.get(stage, fallback)) for stage in ("local", "global")}
 
@@ -51,7 +53,7 @@ def apply_algm(
     """Patch ``model`` in place with ALGM: CLAP in ``local_layer``, GBM in ``global_layer`` (1-based, as
     in the paper), between attention and MLP, on the tokens after the attention residual.
 
-    Thresholds left as None take the model's calibrated values (``model.algm_thresholds``, a dict with
+    Thresholds left as None take the model's calibrated values (``model.info.thresholds``, a dict with
     ``"local"``/``"global"``) where it has them, else the authors' defaults for the ViT's width.
     ``global_threshold="official"`` (:data:`ONLINE`) is the official code's online GBM threshold, set
     per image (per batch with ``batch_min=True``, as the official code) and recorded in

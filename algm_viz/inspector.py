@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from .capture import ATTENTION_INPUT, block_tokens
 from .merging import Merge
 from .patch import MergeRecord, algm_state, find_vit
+from .patch.record import compose
+from .patch.stages import CLAPStage
 
 __all__ = ["TokenCapture", "Inspection", "capture_tokens", "inspect_patch", "stage_tokens", "attention_row",
            "mean_pairwise_similarity", "class_shares"]
@@ -114,14 +116,7 @@ def capture_tokens(model: nn.Module, layers: Sequence[int] = (), attention_layer
     state = algm_state(model)
     if state is not None:
         capture.record = state.record
-        capture.windows = {stage.name: stage.window for stage in state.stages if stage.kind == "clap"}
-
-
-def _compose(merges: Sequence[Merge]) -> Merge | None:
-    total = None
-    for merge in merges:
-        total = merge if total is None else total.then(merge)
-    return total
+        capture.windows = {stage.name: stage.window for stage in state.stages if isinstance(stage, CLAPStage)}
 
 
 def _sizes(merge: Merge | None, num_patches: int, device: torch.device) -> Tensor:
@@ -147,12 +142,12 @@ def stage_tokens(capture: TokenCapture, stage: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"the tokens of layer {layer} were not captured")
     tokens = capture.tokens[layer]
     earlier = [merge for _, stage_layer, merge in record.stages[:index] if stage_layer < layer]
-    before_layer = _compose(earlier)
+    before_layer = compose(earlier)
     size = _sizes(before_layer, capture.grid[0] * capture.grid[1], tokens.device)
     for _, stage_layer, merge in record.stages[len(earlier):index]:  # earlier stages of the same block
         merged, size = merge.merge(tokens[None], size[None, :, None])
         tokens, size = merged[0, : int(merge.counts[0])], size[0, : int(merge.counts[0]), 0]
-    before = _compose([merge for _, _, merge in record.stages[:index]])
+    before = compose([merge for _, _, merge in record.stages[:index]])
     patch_token = before.groups[0] if before is not None else torch.arange(tokens.shape[0], device=tokens.device)
     return tokens, patch_token.to(tokens.device)
 
@@ -241,7 +236,7 @@ def _attention_map(attn: nn.Module, capture: TokenCapture, patch: int) -> tuple[
     """Per-patch attention of ``patch``'s token in the captured block, and its weight on the prefix."""
     prefix, (gh, gw) = capture.num_prefix, capture.grid
     merges = [m for _, layer, m in capture.record.stages if layer < capture.attention_layer] if capture.record else []
-    before = _compose(merges)
+    before = compose(merges)
     device = capture.attention_input.device
     token_of = before.groups[0].to(device) if before is not None else torch.arange(gh * gw, device=device)
     row = attention_row(attn, capture.attention_input, capture.attention_bias, prefix + int(token_of[patch]))
@@ -283,7 +278,7 @@ def inspect_patch(model: nn.Module, merged: TokenCapture, baseline: TokenCapture
         if name in token_index and window_mask.any():
             tokens, token_of = token_index[name]
             window_score = mean_pairwise_similarity(tokens[token_of[members.to(token_of.device)]])
-    before_last = _compose([merge for _, _, merge in record.stages[:-1]])
+    before_last = compose([merge for _, _, merge in record.stages[:-1]])
     last_input = before_last.groups[0] if before_last is not None else torch.arange(grid[0] * grid[1], device=final.device)
     group_inputs = int(torch.unique(last_input[group.to(last_input.device)]).numel())
     attention, prefix_weight = {}, {}

@@ -1,4 +1,4 @@
-"""Fixtures shared by the command tests."""
+"""Fixtures and helpers shared by the tests: tiny models and data sets, synthetic images, the browser setup."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ import pytest
 import torch
 
 from algm_viz.models import create_segmenter, save_segmenter
+
+#: :func:`create_segmenter` arguments of the app tests' untrained model: 6 layers of width 64, 8-pixel patches, 5 classes.
+APP_TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
+#: The headless Chromium of the browser tests, its flags and how long a page may take.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_TIMEOUT_MS = 60_000
 
 #: ``variant.yml`` net_kwargs of the tiny official-format model below.
 TINY_NET = {"backbone": "vit_tiny_patch16_384", "d_model": 64, "n_heads": 2, "n_layers": 6, "patch_size": 16,
@@ -44,3 +52,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tiny_registry(short_side: int = 64, **options):
+    """The app's model registry on the CPU offering the untrained :data:`APP_TINY` model (no bundled model)."""
+    from algm_viz.app.models import ModelRegistry
+
+    return ModelRegistry(device="cpu", default_short_side=short_side, untrained=APP_TINY, include_bundled=False, **options)
+
+
+def scene(height: int = 60, width: int = 90, seed: int = 0) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB: flat regions (which merge) plus noise."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2] = (200, 60, 40)
+    image[height // 2 :, : width // 3] = (30, 180, 60)
+    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
+
+
+def write(tmp_path: Path, name: str, array: np.ndarray) -> str:
+    """Write an RGB image (or a 2-D label map) as ``tmp_path / name``; its path."""
+    path = tmp_path / name
+    cv2.imwrite(str(path), array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+    return str(path)

@@ -2,33 +2,21 @@
 everything, a model that fails to load leaves the page usable, and at 400 px nothing overlaps."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
+from conftest import BROWSER_TIMEOUT_MS as TIMEOUT_MS, CHROMIUM, CHROMIUM_ARGS as ARGS, free_port, tiny_registry  # noqa: E402
+
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (install it with `apt-get install -y chromium`)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-from algm_viz.app.models import ModelRegistry  # noqa: E402
 from algm_viz.app.session import SessionCache  # noqa: E402
 from algm_viz.app.ui import APP_CSS, EXAMPLES_DIR, Handlers, build_demo  # noqa: E402
 from algm_viz.models import KNOWN_MODELS  # noqa: E402
-
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def url(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # an official checkpoint whose download is refused at once
         patch.setenv("ALGM_VIZ_CACHE", str(tmp_path_factory.mktemp("cache")))
         patch.setitem(KNOWN_MODELS, "seg_tiny_mask", {**KNOWN_MODELS["seg_tiny_mask"], "url": "http://127.0.0.1:9/seg_tiny_mask"})
-        registry = ModelRegistry(device="cpu", default_short_side=128, untrained=TINY, include_bundled=False)
+        registry = tiny_registry(128)
         handlers = Handlers(registry, SessionCache(max_side=256), thresholds=(0.6, 0.8, 1.0))
         demo = build_demo(handlers).queue()
         port = free_port()

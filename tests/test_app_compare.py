@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from algm_viz.app.ui import Handlers
-from test_app_session import scene, tiny_registry, write
+from conftest import scene, tiny_registry, write
 
 
 @pytest.fixture(scope="module")

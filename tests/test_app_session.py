@@ -26,27 +26,7 @@ from algm_viz.models import KNOWN_MODELS, create_segmenter, save_segmenter
 from algm_viz.models.bundled import save_bundled
 from algm_viz.preprocess import ImageError
 
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
-
-
-def tiny_registry() -> ModelRegistry:
-    return ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
-
-
-def scene(height: int = 60, width: int = 90, seed: int = 0) -> np.ndarray:
-    """Flat regions (mergeable) plus noise."""
-    rng = np.random.default_rng(seed)
-    image = np.zeros((height, width, 3), np.uint8)
-    image[: height // 2] = (200, 60, 40)
-    image[height // 2 :, : width // 3] = (30, 180, 60)
-    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
-
-
-def write(tmp_path, name: str, array: np.ndarray) -> str:
-    path = tmp_path / name
-    cv2.imwrite(str(path), array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
-    return str(path)
-
+from conftest import APP_TINY as TINY, scene, tiny_registry, write  # noqa: F401 (other tests import them from here)
 
 @pytest.fixture(scope="module")
 def registry():
@@ -312,7 +292,7 @@ def test_local_checkpoint_loads_and_a_wrong_one_is_refused(handlers, tmp_path):
     uploads = [str(tmp_path / "good" / "checkpoint.pth"), str(tmp_path / "good" / "variant.yml")]
     with pytest.raises(gr.Error, match="exactly"):
         handlers.load_checkpoint(None, uploads[:1])
-    locked = Handlers(ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False, allow_paths=False))
+    locked = Handlers(tiny_registry(allow_paths=False))
     with pytest.raises(gr.Error, match="disabled"):
         locked.load_checkpoint(str(tmp_path / "good"), None)
     assert locked.load_checkpoint(None, uploads).value.startswith("path:"), "uploads still load"
@@ -387,7 +367,7 @@ def test_official_ade20k_models_name_their_150_classes(monkeypatch, tmp_path):
            "n_layers": 6, "n_cls": 150, "decoder": {"name": "linear"}}
     save_segmenter(create_segmenter(**{**TINY, "num_classes": 150}), tmp_path / "official", net)
     monkeypatch.setattr(checkpoint, "fetch_checkpoint", lambda url: tmp_path / "official")  # no download
-    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    registry = tiny_registry()
     entry = registry.get("official:seg_tiny_mask")
     assert len(entry.class_names) == 150 and entry.class_names[:3] == ("wall", "building", "sky")
     assert entry.class_names[-1] == "flag" and "class 0" not in entry.class_names

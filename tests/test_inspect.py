@@ -7,22 +7,12 @@ import torch.nn.functional as F
 
 import algm_viz
 from algm_viz.app import inspector as app_inspector
-from algm_viz.app.models import ModelRegistry
 from algm_viz.app.session import ImageSession, Settings
 from algm_viz.inspector import capture_tokens, class_shares, inspect_patch, mean_pairwise_similarity
 from algm_viz.models import create_segmenter
 from algm_viz.patch import find_vit
 
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
-
-
-def scene(height: int = 64, width: int = 96, seed: int = 0) -> np.ndarray:
-    """Flat regions (which merge) plus noise, as the app's tests use."""
-    rng = np.random.default_rng(seed)
-    image = np.zeros((height, width, 3), np.uint8)
-    image[: height // 2] = (200, 60, 40)
-    image[height // 2 :, : width // 3] = (30, 180, 60)
-    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
+from conftest import APP_TINY as TINY, scene, tiny_registry
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +23,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def images():
-    return (torch.from_numpy(scene()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.25  # [1, 3, 64, 96]
+    return (torch.from_numpy(scene(64, 96)).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.25  # [1, 3, 64, 96]
 
 
 def forward(model, images, local, global_, layers=(1, 3), global_layer=3, prop_attn=False):
@@ -162,12 +152,12 @@ def test_helpers_on_hand_built_cases():
 
 @pytest.fixture(scope="module")
 def entry():
-    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    registry = tiny_registry()
     return registry.get(registry.default_key())
 
 
 def test_app_inspection_reads_the_cached_forwards_and_the_label_map(entry, monkeypatch):
-    image = scene(60, 90)
+    image = scene()
     label = np.zeros((60, 90), np.int64)
     label[:, 45:] = 2
     label[:4] = 255  # ignored

@@ -10,17 +10,11 @@ import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-from algm_viz.app.models import ModelRegistry  # noqa: E402
 from algm_viz.app.session import SessionCache  # noqa: E402
 from algm_viz.app.ui import EXAMPLES_DIR, Handlers, build_demo  # noqa: E402
 
-from conftest import free_port  # noqa: E402
+from conftest import BROWSER_TIMEOUT_MS as TIMEOUT_MS, CHROMIUM, CHROMIUM_ARGS as ARGS, free_port, tiny_registry  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000
 IMAGE = EXAMPLES_DIR / "coffee.png"
 
 
@@ -28,7 +22,7 @@ IMAGE = EXAMPLES_DIR / "coffee.png"
 def url():
     if not IMAGE.is_file():
         pytest.skip(f"example image {IMAGE} is missing")
-    registry = ModelRegistry(device="cpu", default_short_side=128, untrained=TINY, include_bundled=False)
+    registry = tiny_registry(128)
     handlers = Handlers(registry, SessionCache(max_side=256), thresholds=(0.6, 1.0), with_gflops=False)
     demo = build_demo(handlers).queue()
     port = free_port()

@@ -31,6 +31,8 @@ from algm_viz.merging import (
 from algm_viz.models import create_segmenter
 from algm_viz.patch import ALGMConfig, GBMStage, ToMeStage, set_thresholds
 
+from conftest import tiny_registry
+
 
 def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
     return float(F.cosine_similarity(u.double(), v.double(), dim=0))
@@ -486,18 +488,24 @@ def local_tau(model, images) -> float:
     return float(sims.flatten().median())
 
 
+def merged_forward(model, images, **options):
+    """(logits, token counts, thresholds used) of ALGM in layers 1 and 3 with 2×2 windows and ``options``; the
+    model is left unpatched."""
+    apply_algm(model, 1, 3, (2, 2), **options)
+    try:
+        logits = model(images)
+        record = algm_state(model).record
+        return logits, record.token_counts(), record.thresholds()
+    finally:
+        remove_algm(model)
+
+
 @torch.no_grad()
 def test_official_forward_matches_reference_per_image(small_segmenter):
     """Per-image mode on a batch of mixed images = the official forward on each image alone."""
     model, images = small_segmenter, mixed_images()
     tau = local_tau(model, images)
-    apply_algm(model, 1, 3, (2, 2), local_threshold=tau, global_threshold="official")
-    try:
-        logits = model(images)
-        record = algm_state(model).record
-        counts, thresholds = record.token_counts(), record.thresholds()
-    finally:
-        remove_algm(model)
+    logits, counts, thresholds = merged_forward(model, images, local_threshold=tau, global_threshold="official")
     assert counts["local"][0] != counts["local"][1]  # mixed: each image its own count
     assert bool((counts["global"] < counts["local"]).all())
     for b in range(2):
@@ -513,13 +521,7 @@ def test_official_forward_matches_reference_with_batch_min(small_segmenter):
     """``batch_min=True`` = the official code's batch behaviour, on the whole batch."""
     model, images = small_segmenter, mixed_images()
     tau = local_tau(model, images)
-    apply_algm(model, 1, 3, (2, 2), local_threshold=tau, mode="official", batch_min=True)
-    try:
-        logits = model(images)
-        record = algm_state(model).record
-        counts, thresholds = record.token_counts(), record.thresholds()
-    finally:
-        remove_algm(model)
+    logits, counts, thresholds = merged_forward(model, images, local_threshold=tau, mode="official", batch_min=True)
     expected, expected_counts, threshold = reference_official_forward(model, images, tau)
     assert expected_counts["global"] < expected_counts["local"]  # the batch rule merges in GBM too
     assert counts["local"].tolist() == [expected_counts["local"]] * 2
@@ -671,14 +673,10 @@ def test_app_offers_the_official_global_tau_and_shows_the_threshold_used(tmp_pat
     import gradio as gr
     import numpy as np
 
-    from algm_viz.app.models import ModelRegistry
     from algm_viz.app.session import SessionCache, Settings
     from algm_viz.app.ui import Handlers
 
-    registry = ModelRegistry(device="cpu", default_short_side=64, include_bundled=False,
-                             untrained=dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear",
-                                            patch_size=8, image_size=64))
-    handlers = Handlers(registry, SessionCache(max_side=128), thresholds=(0.6, 1.0))
+    handlers = Handlers(tiny_registry(), SessionCache(max_side=128), thresholds=(0.6, 1.0))
     image = np.clip(np.random.default_rng(0).integers(0, 60, (60, 90, 3)) + 100, 0, 255).astype(np.uint8)
     path = str(tmp_path / "image.png")
     cv2.imwrite(path, image)

@@ -18,7 +18,7 @@ from torch import nn
 from . import render
 from .evaluation.inference import default_short_side, prepare, resized_shape
 from .methods import METHODS, apply_method
-from .patch import MergeRecord, algm_state, merge_before_layer, merging_restored
+from .patch import MergeRecord, algm_state, group_map, merge_before_layer, merging_restored
 
 __all__ = ["groups_after", "LayerMaps", "layer_maps", "layer_picture", "representative_specs"]
 
@@ -26,10 +26,7 @@ __all__ = ["groups_after", "LayerMaps", "layer_maps", "layer_picture", "represen
 def groups_after(record: MergeRecord, layer: int, image: int = 0) -> np.ndarray:
     """``[gh, gw]`` token of each patch of image ``image`` after 1-based encoder ``layer``: the record's stages
     of layers ``<= layer`` composed (what block ``layer + 1`` sees); every patch its own token before the first."""
-    total = merge_before_layer(record, layer + 1)
-    if total is None:
-        return np.arange(record.grid[0] * record.grid[1]).reshape(record.grid)
-    return total.groups[image].cpu().numpy().reshape(record.grid)
+    return group_map(record, merge_before_layer(record, layer + 1), image)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 from . import render
 from .animation import caption_frame
 from .evaluation.inference import default_short_side, prepare, resized_shape
-from .patch import algm_state, apply_algm, merging_restored, remove_algm
+from .patch import algm_state, apply_algm, group_map, merging_restored, remove_algm
 from .timing import timed
 
 __all__ = ["VideoError", "VideoLimits", "VideoInfo", "Clip", "FrameResult", "probe", "read_clip", "analyze_frames",
@@ -217,9 +217,7 @@ def analyze_frames(model: nn.Module, frames: Sequence[np.ndarray], algm: Mapping
                 merged_prediction, algm_s = _forward(model, tensor)
                 record = algm_state(model).record
             grid = record.grid
-            final = record.final
-            groups = (final.groups[0].cpu().numpy().reshape(grid) if final is not None
-                      else np.arange(grid[0] * grid[1]).reshape(grid))
+            groups = group_map(record, record.final)
             counts = {name: int(value[0]) for name, value in record.token_counts().items()}
             tokens = {"patches": grid[0] * grid[1], "local": counts.get("local", grid[0] * grid[1])}
             tokens["global"] = counts.get("global", tokens["local"])

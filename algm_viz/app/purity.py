@@ -15,6 +15,7 @@ from .. import render
 from ..datasets import IGNORE_INDEX
 from ..evaluation.purity import attribution_counts, mixed_groups, purity_counts, stage_merges, summarize
 from ..evaluation.tokens import patch_class_counts, token_classes
+from ..patch import group_map
 from .inspector import STAGE_LABELS
 from .session import ImageSession, Settings
 
@@ -39,7 +40,7 @@ def purity(session: ImageSession, settings: Settings) -> tuple[np.ndarray, dict[
     summary = summarize(purity_counts(counts, merges), attribution_counts(changed, mixed, record.grid, p),
                         entry.class_names)
     summary["classes_from"] = "label map" if from_label else "baseline prediction: no label map uploaded"
-    groups = final.groups[0].cpu().numpy().reshape(record.grid)
+    groups = group_map(record, final)
     merged = np.bincount(groups.ravel())[groups] > 1
     picture = render.purity_overlay(image, merged, mixed[0].cpu().numpy().reshape(record.grid), groups, p)
     return picture, summary

@@ -24,7 +24,7 @@ from ..evaluation.metrics import confusion_matrix, miou
 from ..evaluation.rows import SweepRow
 from ..flops import count_gflops
 from ..inspector import TokenCapture, capture_tokens
-from ..patch import ONLINE, MergeRecord, algm_state, apply_algm, remove_algm
+from ..patch import ONLINE, MergeRecord, algm_state, apply_algm, group_map, remove_algm
 from ..preprocess import ImageError, check_label, normalize, to_rgb_uint8
 from ..timing import Timing, time_once, timed
 from .inputs import resize_for_model
@@ -145,9 +145,7 @@ class MergeMaps:
         grid = record.grid
         patches = grid[0] * grid[1]
         local, glob, final = record.stage("local"), record.stage("global"), record.final
-        identity = np.arange(patches).reshape(grid)
-        local_groups = local.groups[0].cpu().numpy().reshape(grid) if local is not None else identity
-        final_groups = final.groups[0].cpu().numpy().reshape(grid) if final is not None else identity
+        local_groups, final_groups = group_map(record, local), group_map(record, final)
         if glob is not None:
             sizes = np.bincount(glob.groups[0].cpu().numpy(), minlength=glob.num_out + 1)
             global_merged = sizes[final_groups] > 1

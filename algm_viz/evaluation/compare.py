@@ -18,7 +18,7 @@ from torch import nn
 from .. import render
 from ..methods import METHODS, apply_method
 from ..models.description import describe
-from ..patch import algm_state, merging_restored, remove_algm
+from ..patch import algm_state, group_map, merging_restored, remove_algm
 from .inference import default_short_side, predict_labels, prepare, resized_shape
 from .sweep import SweepConfig, add_intervals, knob, sweep
 
@@ -106,11 +106,7 @@ def merge_maps(model: nn.Module, image: np.ndarray, specs: Sequence[tuple[str, f
             apply_method(model, method, value)
             model(prepare(model, shown, None))
             record = algm_state(model).record
-            grid, final = record.grid, record.final
-            if final is None:  # key/value-only merging keeps every token
-                groups = np.arange(grid[0] * grid[1]).reshape(grid)
-            else:
-                groups = final.groups[0].cpu().numpy().reshape(grid)
+            groups = group_map(record, record.final)  # key/value-only merging: every patch its own token
             merged = render.merged_mask(groups)
             panel = render.group_overlay(shown, groups, merged, patch)
             kept = int(groups.max()) + 1

@@ -16,7 +16,7 @@ the whole sequence (class token included) and, by default, GBM's online threshol
 
 from ..merging import ONLINE
 from .algm import AUTHOR_DEFAULT_THRESHOLDS, algm_config, apply_algm, default_thresholds, set_thresholds
-from .record import MergeRecord, compose, merge_before_layer
+from .record import MergeRecord, compose, group_map, merge_before_layer
 from .stages import (
     MODES,
     ALGMConfig,
@@ -61,6 +61,7 @@ __all__ = [
     "apply_merging",
     "apply_plan",
     "compose",
+    "group_map",
     "default_thresholds",
     "find_vit",
     "merge_before_layer",

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..merging import Merge
 
-__all__ = ["MergeRecord", "compose", "merge_before_layer"]
+__all__ = ["MergeRecord", "compose", "group_map", "merge_before_layer"]
 
 
 def compose(merges: Iterable[Merge]) -> Merge | None:
@@ -65,3 +66,12 @@ def merge_before_layer(record: MergeRecord | None, layer: int) -> Merge | None:
     (None when no merge ran before ``layer``)."""
     stages = record.stages if record is not None else ()
     return compose(merge for _, stage_layer, merge in stages if stage_layer < layer)
+
+
+def group_map(record: MergeRecord, merge: Merge | None, image: int = 0) -> np.ndarray:
+    """``[gh, gw]`` int64 on the record's patch grid: the token each patch of image ``image`` is in after
+    ``merge`` (patches -> tokens, e.g. ``record.final`` or ``record.stage("local")``); every patch its own
+    token for None (nothing merged)."""
+    if merge is None:
+        return np.arange(record.grid[0] * record.grid[1]).reshape(record.grid)
+    return merge.groups[image].cpu().numpy().reshape(record.grid)

@@ -22,6 +22,7 @@ from algm_viz.app.inputs import read_image_file, resize_for_model
 from algm_viz.app.models import ModelRegistry
 from algm_viz.app.session import LATENCY_ROUNDS, ImageSession, SessionCache, Settings
 from algm_viz.app.ui import Handlers
+from algm_viz.evaluation.rows import SweepRow
 from algm_viz.models import KNOWN_MODELS, create_segmenter, save_segmenter
 from algm_viz.models.bundled import save_bundled
 from algm_viz.preprocess import ImageError
@@ -118,15 +119,24 @@ def test_latency_interleaves_baseline_and_setting(registry, monkeypatch):
     assert session.latency(Settings(0.8, 0.8), rounds=3) is latency and len(order) == 6, "cached per setting"
 
 
-def test_curve_rows_are_computed_once_per_curve(registry, monkeypatch):
+def test_curve_rows_are_the_sweeps_measurement_computed_once_per_curve(registry, monkeypatch):
+    import algm_viz.app.session as session_module
+
     session = ImageSession(registry.get("untrained"), scene())
     calls = []
-    original = session.agreement
-    monkeypatch.setattr(session, "agreement", lambda prediction: calls.append(1) or original(prediction))
+    original = session_module.evaluate
+    monkeypatch.setattr(session_module, "evaluate", lambda *args, **kwargs: calls.append(kwargs["method"]) or original(*args, **kwargs))
     first = session.curve_rows([0.6, 0.8], 2, 5)
-    assert len(calls) == 3  # the baseline row and one per τ
+    assert calls == ["baseline", "algm", "algm"], "the baseline row and one per τ, by the sweep's evaluate"
     assert session.curve_rows([0.6, 0.8], 2, 5) is first and len(calls) == 3
     assert session.curve_rows([0.6, 0.8], 2, 5, prop_attn=True)[1]["method"] == "algm_prop" and len(calls) == 6
+    assert [SweepRow.from_dict(row).to_dict() for row in first] == first, "rows of the one row type"
+    baseline, merged = first[0], first[1]
+    assert baseline["miou"] == pytest.approx(100.0) and baseline["images"] == merged["images"] == 1
+    assert merged["miou"] == pytest.approx(session.agreement(session.algm(Settings(0.6, 0.6)).prediction)[0])
+    assert merged["gflops"] == pytest.approx(session.gflops(Settings(0.6, 0.6)), rel=1e-6)
+    assert merged["gflops"] < baseline["gflops"]
+    assert merged["tokens"]["global"] == session.algm(Settings(0.6, 0.6)).maps.tokens["global"]
 
 
 def test_readout_matches_the_merge(registry):

@@ -7,6 +7,7 @@ all users that send the same image to the same model, so results depend only on 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import threading
@@ -21,7 +22,9 @@ import torch
 from ..datasets import IGNORE_INDEX
 from ..evaluation.balance import attention_balance
 from ..evaluation.metrics import confusion_matrix, miou
-from ..evaluation.rows import SweepRow
+from ..evaluation.compare import OneImage
+from ..evaluation.distributed import Context
+from ..evaluation.sweep import SweepConfig, evaluate, measured_row
 from ..flops import count_gflops
 from ..inspector import TokenCapture, capture_tokens
 from ..patch import ONLINE, MergeRecord, algm_state, apply_algm, group_map, remove_algm
@@ -319,9 +322,9 @@ class ImageSession:
     def curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
                    prop_attn: bool = False, check: Callable[[int, int], None] | None = None,
                    vary: str = "both", fixed: float | None = None) -> list[dict[str, Any]]:
-        """One :class:`~algm_viz.evaluation.rows.SweepRow` (as a dict) per τ (method ``algm``, or ``algm_prop`` with
-        ``prop_attn``), with ``miou`` = agreement with the baseline (%) and throughput from this image's
-        latency. ``vary``: ``"both"`` (the same τ for both stages), ``"local"`` or ``"global"`` (that stage's
+        """Sweep rows (:meth:`~algm_viz.evaluation.rows.SweepRow.to_dict`): the baseline, then one per τ (method
+        ``algm``, or ``algm_prop`` with ``prop_attn``), measured by the sweep's own code on this image with
+        ``miou`` = agreement with the baseline's prediction (%), one timed forward and counted GFLOPs. ``vary``: ``"both"`` (the same τ for both stages), ``"local"`` or ``"global"`` (that stage's
         τ, the other one at ``fixed``). Cached: a τ release re-plots the same rows with a new marker.
         ``check(done, total)`` runs before each τ and may raise to stop (a time budget); nothing is cached then."""
         if vary not in ("both", "local", "global") or (vary != "both") != (fixed is not None):
@@ -333,22 +336,29 @@ class ImageSession:
     def _curve_rows(self, thresholds: Sequence[float], window: int, global_layer: int,
                     prop_attn: bool, check: Callable[[int, int], None], vary: str = "both",
                     fixed: float | None = None) -> list[dict[str, Any]]:
+        """The sweep's own measurement (:func:`~algm_viz.evaluation.sweep.evaluate`) on a one-image data set
+        whose label map is the baseline's prediction, one setting at a time under the model's lock."""
         check(0, len(thresholds) + 1)
-        baseline = self.baseline()
-        rows = [SweepRow(method="baseline", miou=100.0, per_class_iou=self.agreement(baseline.prediction)[1],
-                         images_per_s=1.0 / baseline.latency_s, gflops=self.gflops(None),
-                         tokens=dict.fromkeys(("patches", "local", "global"), self.num_patches)).to_dict()]
+        data = OneImage(self.image, self.baseline().prediction, self.entry.class_names, repeats=1)
         method = "algm_prop" if prop_attn else "algm"
+        # how to measure (what to run is set here, one setting at a time): at the image's size, no warm-up
+        config = SweepConfig(taus=(), methods=["baseline"], short_side=min(self.image.shape[:2]), warmup=0,
+                             bootstrap=0, dtype=self.entry.dtype)
+        context = Context(0, 1, self.entry.device)
+
+        def measure(name: str, settings: Settings | None) -> dict[str, Any]:
+            with self.entry.lock:
+                _configure(self.entry, settings)
+                result = evaluate(self.entry.model, data, config, context, progress=False, method=name)
+                row = measured_row(name, None, result, algm_state(self.entry.model))
+            return dataclasses.replace(row, confusion=None).to_dict()  # one image: its matrix says nothing more
+
+        rows = [measure("baseline", None)]
         for done, tau in enumerate(thresholds, 1):
             check(done, len(thresholds) + 1)
             local = float(tau) if vary in ("both", "local") else float(fixed)
             global_ = float(tau) if vary in ("both", "global") else fixed  # a number, or the official online τ
-            settings = Settings(local, global_, window, global_layer, prop_attn=prop_attn)
-            result = self.algm(settings)
-            miou, per_class = self.agreement(result.prediction)
-            rows.append(SweepRow(method=method, local_threshold=local, global_threshold=global_, miou=miou, per_class_iou=per_class,
-                                 images_per_s=1.0 / result.latency_s, gflops=self.gflops(settings),
-                                 tokens=dict(result.maps.tokens)).to_dict())
+            rows.append(measure(method, Settings(local, global_, window, global_layer, prop_attn=prop_attn)))
         return rows
 
 

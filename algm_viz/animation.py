@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["caption_frame", "write_gif", "write_mp4", "MAX_FRAMES"]
+__all__ = ["caption_frame", "write_clip", "write_gif", "write_mp4", "MAX_FRAMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,22 @@ def write_mp4(frames: Sequence[np.ndarray], path: str | Path, fps: float = 2.0) 
     """``[H, W, 3]`` uint8 frames -> an MP4 (``mp4v``) at ``path``; None where OpenCV's writer has no such codec
     (nothing is left behind then). Odd sides are padded to even ones, which the codecs need."""
     _check_frames(frames)
+    return write_clip(frames, path, fps, "mp4v")
+
+
+def write_clip(frames: Sequence[np.ndarray], path: str | Path, fps: float, fourcc: str) -> Path | None:
+    """``[H, W, 3]`` uint8 RGB frames of one shape -> a video at ``path`` in the OpenCV codec ``fourcc``, odd
+    sides padded to even ones (edge pixels repeated); None where OpenCV cannot write that codec (nothing is
+    left behind then)."""
+    if not frames or len({f.shape for f in frames}) != 1:
+        raise ValueError("a clip takes one or more frames of one shape")
     height, width = frames[0].shape[:2]
     size = (width + width % 2, height + height % 2)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), float(fps), size)
     if not writer.isOpened():
-        logger.info("no MP4 codec in this OpenCV build: %s not written", path)
+        writer.release()
         Path(path).unlink(missing_ok=True)
+        logger.info("OpenCV cannot write %s: %s not written", fourcc, path)
         return None
     try:
         for frame in frames:

@@ -7,7 +7,6 @@ written as WebM/VP8 where OpenCV's writer has it (Chromium and Firefox play it),
 
 from __future__ import annotations
 
-import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from . import render
-from .animation import caption_frame
+from .animation import caption_frame, write_clip
 from .evaluation.inference import default_short_side, prepare, resized_shape
 from .patch import algm_state, apply_algm, group_map, merging_restored, remove_algm
 from .timing import timed
@@ -28,7 +27,6 @@ from .timing import timed
 __all__ = ["VideoError", "VideoLimits", "VideoInfo", "Clip", "FrameResult", "probe", "read_clip", "analyze_frames",
            "group_changes", "class_changes", "stability", "render_frame", "write_video", "CODECS"]
 
-logger = logging.getLogger(__name__)
 
 #: ``(fourcc, suffix)`` tried in order by :func:`write_video`: VP8 WebM plays in Chromium and Firefox; ``mp4v``
 #: (MPEG-4 part 2, which browsers do not play) is the fallback. OpenCV's pip wheels have no H.264 encoder.
@@ -283,23 +281,8 @@ def render_frame(result: FrameResult, colors: Sequence[Sequence[int]] | np.ndarr
 def write_video(frames: Sequence[np.ndarray], stem: str | Path, fps: float) -> Path:
     """``[H, W, 3]`` uint8 RGB frames of one shape -> ``<stem>.webm`` (VP8), or ``<stem>.mp4`` (``mp4v``) where
     OpenCV has no VP8 writer (see :data:`CODECS`); odd sides are padded. ``OSError`` if no codec works."""
-    if not frames or len({f.shape for f in frames}) != 1:
-        raise ValueError("write_video takes one or more frames of one shape")
-    height, width = frames[0].shape[:2]
-    size = (width + width % 2, height + height % 2)
     for fourcc, suffix in CODECS:
-        path = Path(stem).with_suffix(suffix)
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), float(fps), size)
-        if not writer.isOpened():
-            writer.release()
-            path.unlink(missing_ok=True)
-            logger.info("OpenCV cannot write %s (%s); trying the next codec", fourcc, suffix)
-            continue
-        try:
-            for frame in frames:
-                padded = cv2.copyMakeBorder(frame, 0, size[1] - height, 0, size[0] - width, cv2.BORDER_REPLICATE)
-                writer.write(cv2.cvtColor(padded, cv2.COLOR_RGB2BGR))
-        finally:
-            writer.release()
-        return path
+        path = write_clip(frames, Path(stem).with_suffix(suffix), fps, fourcc)
+        if path is not None:
+            return path
     raise OSError(f"OpenCV has none of the video codecs {[c for c, _ in CODECS]}: no video written")

@@ -8,23 +8,14 @@ from PIL import Image
 from algm_viz import render
 from algm_viz.animation import MAX_FRAMES, caption_frame, write_gif, write_mp4
 from algm_viz.app.animation import tau_animation, tau_frames
-from algm_viz.app.models import ModelRegistry
 from algm_viz.app.session import ImageSession, Settings
 
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
-
-
-def scene() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    image = np.zeros((60, 90, 3), np.uint8)
-    image[:30] = (200, 60, 40)
-    image[30:, :30] = (30, 180, 60)
-    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
+from conftest import scene, tiny_registry
 
 
 @pytest.fixture(scope="module")
 def session():
-    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    registry = tiny_registry()
     return ImageSession(registry.get(registry.default_key()), scene())
 
 

@@ -1,7 +1,6 @@
 """The app as an API: a real server on 127.0.0.1 driven through ``gradio_client``."""
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -11,18 +10,12 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from algm_viz.app.models import ModelRegistry  # noqa: E402
 from algm_viz.app.session import SessionCache  # noqa: E402
 from algm_viz.app.ui import Handlers, build_demo  # noqa: E402
 
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
+from conftest import free_port, tiny_registry  # noqa: E402
+
 CLIENTS = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scene(seed: int) -> np.ndarray:
@@ -35,7 +28,7 @@ def scene(seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    registry = tiny_registry()
     handlers = Handlers(registry, SessionCache(capacity=16, max_side=128), thresholds=(0.7, 1.0), with_gflops=False)
     demo = build_demo(handlers).queue()
     port = free_port()

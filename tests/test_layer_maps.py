@@ -11,7 +11,7 @@ from algm_viz.methods import METHODS
 from algm_viz.models import create_segmenter
 from algm_viz.patch import MergeRecord
 
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
+from conftest import APP_TINY as TINY, tiny_registry
 
 
 def merge(groups):
@@ -62,10 +62,9 @@ def test_the_panel_redraws_from_its_cache(tmp_path):
     from PIL import Image
 
     from algm_viz.app.layer_maps import LayerMapsPanel
-    from algm_viz.app.models import ModelRegistry
     from algm_viz.app.session import SessionCache
     from algm_viz.app.ui import Handlers
-    registry = ModelRegistry(device="cpu", default_short_side=48, untrained=TINY, include_bundled=False)
+    registry = tiny_registry(48)
     handlers = Handlers(registry, SessionCache(max_side=128), thresholds=(0.6, 1.0), with_gflops=False)
     with gr.Blocks():
         panel = LayerMapsPanel(handlers, 6)

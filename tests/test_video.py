@@ -14,7 +14,8 @@ from algm_viz.models import create_segmenter
 from algm_viz.video import (CODECS, VideoError, VideoLimits, analyze_frames, class_changes, group_changes, probe,
                             read_clip, render_frame, stability, write_video)
 
-TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
+from conftest import APP_TINY as TINY, free_port, tiny_registry
+
 ALGM = dict(local_layer=1, global_layer=3, window=(2, 2), local_threshold=0.0, global_threshold=0.0)
 
 
@@ -159,11 +160,10 @@ def test_without_the_baseline_only_algm_runs(model, tmp_path):
 @pytest.fixture(scope="module")
 def panel():
     gr = pytest.importorskip("gradio")
-    from algm_viz.app.models import ModelRegistry
     from algm_viz.app.session import SessionCache
     from algm_viz.app.ui import Handlers
     from algm_viz.app.video import VideoPanel
-    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    registry = tiny_registry()
     handlers = Handlers(registry, SessionCache(max_side=256), thresholds=(0.6, 1.0), with_gflops=False)
     with gr.Blocks():
         return VideoPanel(handlers)
@@ -209,12 +209,10 @@ def test_the_panel_refuses_bad_input_clearly(panel, tmp_path):
 @pytest.mark.slow
 def test_video_and_layer_maps_endpoints_through_gradio_client(tmp_path):
     client_module = pytest.importorskip("gradio_client")
-    from conftest import free_port
 
-    from algm_viz.app.models import ModelRegistry
     from algm_viz.app.session import SessionCache
     from algm_viz.app.ui import EXAMPLES_DIR, Handlers, build_demo
-    registry = ModelRegistry(device="cpu", default_short_side=64, untrained=TINY, include_bundled=False)
+    registry = tiny_registry()
     handlers = Handlers(registry, SessionCache(max_side=128), thresholds=(0.6, 1.0), with_gflops=False)
     demo = build_demo(handlers, prerun=False).queue()
     port = free_port()

@@ -77,7 +77,7 @@ def model(args: argparse.Namespace, num_classes: int, device: torch.device) -> n
 
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, num_classes=num_classes, seed=args.seed)
-    if getattr(loaded, "num_classes", num_classes) != num_classes:
+    if loaded.num_classes != num_classes:
         raise ValueError(f"the model predicts {loaded.num_classes} classes but the data set has {num_classes}")
     return loaded.to(device).eval()
 

@@ -20,6 +20,7 @@ from algm_viz.models.bundled import (
     read_bundled_config,
     save_bundled,
 )
+from algm_viz.models.description import ModelInfo, describe
 from algm_viz.models.loading import load_model
 from algm_viz.patch import algm_state, apply_algm
 
@@ -146,3 +147,14 @@ def test_one_resolver_reads_the_app_keys_and_plain_names():
         load_model("official:nope")
     with pytest.raises(FileNotFoundError, match="is not a bundled model"):
         load_model("no-such-model")
+
+
+def test_a_description_is_checked_and_every_module_has_one():
+    with pytest.raises(ValueError, match="1 colours for 2 classes"):
+        ModelInfo("m", ("a", "b"), colors=((0, 0, 0),))
+    with pytest.raises(ValueError, match="short side must be positive"):
+        ModelInfo("m", ("a",), short_side=0)
+    with pytest.raises(ValueError, match="'local' and 'global'"):
+        ModelInfo("m", ("a",), thresholds={"lokal": 0.9})
+    assert describe(torch.nn.Linear(2, 2)) == ModelInfo.untrained(0), "a module without a description gets a placeholder"
+    assert describe(create_segmenter(num_classes=3, depth=1, embed_dim=32, num_heads=2)).class_names == ("class 0", "class 1", "class 2")

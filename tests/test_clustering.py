@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -235,7 +236,7 @@ def test_methods_are_registered_and_their_merge_maps_render():
     assert METHODS["expedite"].knob == METHODS["ailurus"].knob == METHODS["ailurus_prop"].knob == "keep"
     assert METHODS["ailurus_prop"].prop_attn and not METHODS["ailurus"].prop_attn
     model = tiny_segmenter()
-    model.info = model.info.with_changes(short_side=64)
+    model.info = dataclasses.replace(model.info, short_side=64)
     image = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
     image[:, 48:] = (20, 200, 40)  # a flat right half: clusters there merge several patches
     maps = merge_maps(model, image, [("expedite", 0.25), ("ailurus", 0.25)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,7 +135,7 @@ def test_remove_restores_the_model():
 
 def test_thresholds_default_to_calibrated_then_authors():
     model = tiny_segmenter()
-    model.info = model.info.with_changes(thresholds={"local": 0.77, "global": 0.66})
+    model.info = dataclasses.replace(model.info, thresholds={"local": 0.77, "global": 0.66})
     apply_algm(model)
     assert (algm_state(model).config.local_threshold, algm_state(model).config.global_threshold) == (0.77, 0.66)
     set_thresholds(model, global_threshold=0.5)

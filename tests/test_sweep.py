@@ -1,6 +1,7 @@
 """τ sweep: mIoU equal to an independent computation, token bookkeeping, config restored, CLI outputs."""
 
 import csv
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_other_engine_methods_sweep_their_own_knob(data):
 
 def test_auto_sweeps_the_calibrated_threshold_pair(data):
     model = _model()
-    model.info = model.info.with_changes(thresholds={"local": 0.5, "global": -2.0})
+    model.info = dataclasses.replace(model.info, thresholds={"local": 0.5, "global": -2.0})
     (row,) = sweep(model, data, SweepConfig(taus=parse_taus("auto"), methods=["algm"], warmup=0, flops_images=0, limit=2),
                    progress=False)
     assert (row["value"], row["local_threshold"], row["global_threshold"]) == ("auto", 0.5, -2.0)
@@ -144,7 +145,7 @@ def test_auto_sweeps_the_calibrated_threshold_pair(data):
 
 def test_every_algm_variant_sweeps_the_calibrated_pair(data):
     model = _model()
-    model.info = model.info.with_changes(thresholds={"local": 0.5, "global": -2.0})
+    model.info = dataclasses.replace(model.info, thresholds={"local": 0.5, "global": -2.0})
     rows = sweep(model, data, SweepConfig(taus=["auto"], methods=["clap", "gbm", "gbm1"], warmup=0, flops_images=0,
                                           limit=2), progress=False)
     assert [(r["method"], r["local_threshold"], r["global_threshold"]) for r in rows] == [

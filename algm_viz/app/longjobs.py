@@ -50,11 +50,6 @@ class PriorityGate:
         self._active = 0
         self._changed = threading.Condition()
 
-    @property
-    def active(self) -> int:
-        """Interactive requests running now."""
-        return self._active
-
     @contextmanager
     def interactive(self) -> Iterator[None]:
         with self._changed:

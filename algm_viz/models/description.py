@@ -6,7 +6,7 @@ reads it from any module (a bare timm ViT gets a placeholder), so no caller read
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from torch import nn
@@ -52,10 +52,6 @@ class ModelInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    def with_changes(self, **changes: Any) -> "ModelInfo":
-        """A copy with ``changes`` (checked again)."""
-        return replace(self, **changes)
 
     @staticmethod
     def untrained(num_classes: int, name: str = "untrained") -> "ModelInfo":

@@ -2,12 +2,13 @@
 
 import pytest
 
+from algm_viz.evaluation.rows import SweepRow
 from algm_viz.plots import delta_figure, image_tau_figure, method_label
 
 
 def _row(method, tau, miou, speed, gflops=1.0, tokens=None):
-    return {"method": method, "local_threshold": tau, "global_threshold": tau, "miou": miou, "images_per_s": speed,
-            "gflops": gflops, "tokens": tokens or {"patches": 100, "local": 80, "global": 50}}
+    return SweepRow(method=method, local_threshold=tau, global_threshold=tau, miou=miou, per_class_iou=[],
+                    images_per_s=speed, gflops=gflops, tokens=tokens or {"patches": 100, "local": 80, "global": 50}).to_dict()
 
 
 def test_delta_figure_plots_the_drop_against_the_baseline_with_plain_names():

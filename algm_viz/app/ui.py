@@ -126,6 +126,13 @@ class ImageInput(gr.Image):
         return Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the upload").name
 
 
+def opening_settings(entry: ModelEntry) -> Settings:
+    """The setting the controls open on for ``entry`` (τ rounded as the sliders show them, the 2×2 window,
+    GBM at layer 5): what the pre-run computes, so the page's first request finds it cached."""
+    auto = entry.auto_thresholds
+    return Settings(round(auto["local"], 3), round(auto["global"], 3), min(2, entry.windows()[-1]), min(5, entry.depth))
+
+
 def _file_identity(path: str) -> tuple[str, int, int] | str:
     """``(resolved path, size, mtime ns)`` of a file; the path itself when there is no such file (so that
     reading it raises the usual error)."""
@@ -202,12 +209,12 @@ class Handlers:
     def select_model(self, model: str, progress: gr.Progress = gr.Progress(track_tqdm=True)):
         """-> (local τ slider, global τ slider, global-layer slider, status Markdown, dataset curve)."""
         entry, text = self.model_info(model)
-        auto = entry.auto_thresholds
+        auto, opening = entry.auto_thresholds, opening_settings(entry)
         tau_min = min(0.5, auto["local"], auto["global"])
         return (
-            gr.Slider(minimum=tau_min, maximum=1.0, value=round(auto["local"], 3)),
-            gr.Slider(minimum=tau_min, maximum=1.0, value=round(auto["global"], 3)),
-            gr.Slider(minimum=1, maximum=entry.depth, value=min(5, entry.depth)),
+            gr.Slider(minimum=tau_min, maximum=1.0, value=opening.local_threshold),
+            gr.Slider(minimum=tau_min, maximum=1.0, value=opening.global_threshold),
+            gr.Slider(minimum=1, maximum=entry.depth, value=opening.global_layer),
             text,
             gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), visible=entry.sweep_rows is not None),
         )
@@ -224,6 +231,12 @@ class Handlers:
         if not fits:
             gr.Info(f"{Path(label).name} belongs to another image: label map removed")
         return label if fits else None
+
+    def analyze_image(self, model: str, image: str | None, label: str | None, *settings: Any):
+        """A new image in one request: -> (the label map if it fits the image (:meth:`fit_label`), then
+        :meth:`analyze`'s outputs with it)."""
+        label = self.fit_label(image, label)
+        return (label, *self.analyze(model, image, label, *settings))
 
     @user_errors
     def check_model(self, model: str) -> None:
@@ -263,9 +276,7 @@ class Handlers:
         first visitors get cached results. Failures are logged, never raised."""
         def work() -> None:
             try:
-                entry = self.registry.get(model)
-                auto = entry.auto_thresholds
-                settings = Settings(auto["local"], auto["global"], min(2, entry.windows()[-1]), min(5, entry.depth))
+                settings = opening_settings(self.registry.get(model))
                 with self.gate.interactive():
                     session = self._session(model, image, label)
                     analysis.analyze(session, settings, self.with_gflops)
@@ -437,7 +448,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
     handlers = handlers or Handlers(ModelRegistry())
     default = handlers.registry.default_key()
     entry, status = handlers.model_info(default)
-    auto = entry.auto_thresholds
+    auto, start = entry.auto_thresholds, opening_settings(entry)
     on_gpu = _zero_gpu_wrappers(len(handlers.thresholds))
     work = {"concurrency_id": "gpu", "concurrency_limit": gpu_concurrency}
     streets, photos = _examples()
@@ -474,18 +485,18 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                     gr.Examples(examples=photos, inputs=[image, label], elem_id="photo-examples",
                                 label="Photos outside the CamVid model's training domain (public domain)")
         with gr.Row(elem_classes=STACK):
-            local_tau = NumberSlider(min(0.5, auto["local"]), 1.0, value=round(auto["local"], 3), step=0.005,
+            local_tau = NumberSlider(min(0.5, auto["local"]), 1.0, value=start.local_threshold, step=0.005,
                                      label="τ local (CLAP)", elem_id="tau-local",
                                      info="a k×k window merges when its tokens' mean cosine similarity is above τ")
-            global_tau = NumberSlider(min(0.5, auto["global"]), 1.0, value=round(auto["global"], 3), step=0.005,
+            global_tau = NumberSlider(min(0.5, auto["global"]), 1.0, value=start.global_threshold, step=0.005,
                                       label="τ global (GBM)", elem_id="tau-global", info=GBM_CAP)
             global_official = gr.Checkbox(False, label="τ global: official (online)", elem_id="tau-global-official",
                                           info="as the official ALGM code: GBM's τ = mean + std / layer of each "
                                                "image's best-edge similarities (the slider is ignored)")
             auto_button = gr.Button("τ = auto (μ+σ)", scale=0)
         with gr.Row(elem_classes=STACK):
-            window = gr.Radio(entry.windows(), value=min(2, entry.windows()[-1]), label="CLAP window k×k (1 = no local merging)")
-            global_layer = NumberSlider(1, entry.depth, value=min(5, entry.depth), step=1, label="GBM layer")
+            window = gr.Radio(entry.windows(), value=start.window, label="CLAP window k×k (1 = no local merging)")
+            global_layer = NumberSlider(1, entry.depth, value=start.global_layer, step=1, label="GBM layer")
             prop_attn = gr.Checkbox(False, label="Proportional attention", elem_id="prop-attn",
                                     info="a merged token weighs in attention as the patches it holds (ToMe); "
                                          "off = the paper's code")
@@ -557,18 +568,15 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                     global_layer.release, prop_attn.change, global_official.change]
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
-        # a new image first drops a label map that belongs to another image (an example's), then is analysed
-        chain(image.change(handlers.fit_label, [image, label], [label], api_visibility="private")
-              .then(on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_visibility="private",
-                    trigger_mode="always_last", **work))
+        # a new image drops a label map that belongs to another image (an example's) and is analysed, in one request
+        chain(image.change(on_gpu["analyze"](handlers.analyze_image), algm_inputs, [label, *view_outputs],
+                           api_visibility="private", trigger_mode="always_last", **work))
         if first[0]:  # set on load, not as initial values: those would become the API's defaults
             opening = [_kept_in_cache(component, path) for component, path in zip((image, label), first)]
             demo.load(lambda: tuple(opening), None, [image, label], api_visibility="private")
         inspector_panel.wire(inputs, image, [local_image, global_image],
                              [demo.load, label.upload, label.clear, local_tau.release, global_tau.release, window.change,
                               global_layer.release, prop_attn.change], work)
-        layer_panel.wire([model, image, label, compare_methods_box, map_a, map_b], work)
-        video_panel.wire(model, [local_tau, global_tau, window, global_layer, prop_attn])
         current_model = gr.State(default)  # the model whose controls and results the page shows
 
         def switch_model(event: Any, public: bool = False) -> None:
@@ -596,5 +604,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
             .success(on_gpu["compare"](handlers.compare), [model, image, label, compare_methods_box, map_a, map_b],
                              [pareto_gflops, pareto_speed, compare_maps], api_name="compare",
                              concurrency_id="long", concurrency_limit=1)
+        layer_panel.wire([model, image, label, compare_methods_box, map_a, map_b], work)
+        video_panel.wire(model, [local_tau, global_tau, window, global_layer, prop_attn])
     handlers.blocks = demo
     return demo

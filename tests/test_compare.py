@@ -38,6 +38,18 @@ def test_compare_rows_cover_every_method_and_knob():
     assert all(r["images_per_s"] > 0 for r in rows)
 
 
+def test_compare_logs_agreement_without_a_label_and_miou_with_one(caplog):
+    model, image = tiny_model(), scene()
+    with caplog.at_level("INFO", logger="algm_viz"):
+        compare(model, image, ["algm"], taus=[0.5], repeats=1)
+    assert "agreement with the baseline" in caplog.text and "mIoU" not in caplog.text
+    caplog.clear()
+    label = np.zeros(image.shape[:2], np.uint8)
+    with caplog.at_level("INFO", logger="algm_viz"):
+        compare(model, image, ["algm"], label=label, taus=[0.5], repeats=1)
+    assert "mIoU" in caplog.text and "agreement" not in caplog.text
+
+
 def test_merge_maps_are_side_by_side():
     model = tiny_model()
     maps = merge_maps(model, scene(), [("algm", -2.0), ("kv_grid", 0.5)])

@@ -77,6 +77,7 @@ def compare(
     )
     runs = config.runs()
     total = len(runs) + (label is None)
+    quality = "mIoU" if label is not None else "agreement with the baseline"
     if label is None:
         with step(0, total), merging_restored(model):
             remove_algm(model)
@@ -87,7 +88,7 @@ def compare(
         one = replace(config, methods=[method], taus=[value] if knob(method) == "τ" else config.taus,
                       values={method: [value]} if knob(method) not in (None, "τ") else {})
         with step(total - len(runs) + len(rows), total):
-            rows.extend(sweep(model, data, one, progress=False))
+            rows.extend(sweep(model, data, one, progress=False, quality=quality))
     add_intervals(rows, [torch.tensor(row["confusion"])[None] for row in rows], config)
     return rows
 

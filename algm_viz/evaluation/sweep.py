@@ -397,10 +397,11 @@ def add_intervals(rows: Sequence[dict[str, Any]], confusions: Sequence[Tensor], 
 
 
 def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context | None = None,
-          *, progress: bool = True) -> list[dict[str, Any]]:
+          *, progress: bool = True, quality: str = "mIoU") -> list[dict[str, Any]]:
     """Rows (:meth:`SweepRow.to_dict`) for the baseline and every method × knob value of ``config``, with
     their bootstrap intervals (:func:`add_intervals`). The model's merging
-    configuration is restored afterwards."""
+    configuration is restored afterwards. ``quality`` names the rows' ``miou`` in the log (``"agreement"``
+    where the labels are the baseline's prediction)."""
     context = context or Context(0, 1, torch.device("cpu"))
     model.eval()
     rows, confusions = [], []
@@ -416,7 +417,7 @@ def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context 
             rows.append(measured_row(method, value, result, algm_state(model)).to_dict())
             confusions.append(result["image_confusions"])
             progress_log.update(0, f"{label} done ({len(rows)}/{len(runs)} configurations)", force=True)
-            logger.info("%s: mIoU %.2f, %.2f images/s, %.2f GFLOPs", label, rows[-1]["miou"],
+            logger.info("%s: %s %.2f, %.2f images/s, %.2f GFLOPs", label, quality, rows[-1]["miou"],
                         rows[-1]["images_per_s"], rows[-1]["gflops"])
     add_intervals(rows, confusions, config)
     return rows

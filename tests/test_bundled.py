@@ -158,3 +158,12 @@ def test_a_description_is_checked_and_every_module_has_one():
         ModelInfo("m", ("a",), thresholds={"lokal": 0.9})
     assert describe(torch.nn.Linear(2, 2)) == ModelInfo.untrained(0), "a module without a description gets a placeholder"
     assert describe(create_segmenter(num_classes=3, depth=1, embed_dim=32, num_heads=2)).class_names == ("class 0", "class 1", "class 2")
+
+
+def test_the_app_registry_takes_the_clis_plain_bundled_name():
+    from algm_viz.app.models import ModelRegistry
+
+    registry = ModelRegistry(device="cpu")
+    assert registry.get(DEFAULT_MODEL) is registry.get(f"bundled:{DEFAULT_MODEL}")
+    with pytest.raises(ValueError, match="unknown model"):
+        registry.get("no-such-model")

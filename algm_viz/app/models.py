@@ -26,7 +26,7 @@ import torch
 
 from ..evaluation.inference import autocast
 from ..models import KNOWN_MODELS, CheckpointError, Segmenter
-from ..models.bundled import bundled_dir
+from ..models.bundled import ASSETS_DIR, bundled_dir
 from ..models.description import ModelInfo
 from ..models.loading import DEFAULT_MODEL, UNTRAINED, load_model
 from ..models.variant import DEFAULT_LIMITS, ModelLimits
@@ -221,6 +221,8 @@ class ModelRegistry:
         Raises :class:`CheckpointError` or ``ValueError`` with the reason.
         """
         key = str(key or "").strip()
+        if key in KNOWN_MODELS or (key and key == Path(key).name and (ASSETS_DIR / key / "config.json").is_file()):
+            key = f"{'official' if key in KNOWN_MODELS else 'bundled'}:{key}"  # the CLI's plain names
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # one load per model; other models stay available meanwhile

@@ -53,6 +53,9 @@ def test_named_endpoints(server):
     url, _, _ = server
     endpoints = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/analyze", "/curve", "/balance", "/select_model", "/load_checkpoint", "/export"} <= set(endpoints)
+    for name in ("/analyze", "/curve", "/compare", "/inspect"):  # the label map: optional, no sample PDF
+        label = next(p for p in endpoints[name]["parameters"] if "label map" in p["label"])
+        assert label["example_input"] is None and label["python_type"]["description"].startswith("optional"), name
 
 
 def test_ten_concurrent_clients_get_their_own_answers(server):

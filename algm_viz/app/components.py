@@ -47,6 +47,11 @@ class NumberSlider(gr.Slider):
         return super().preprocess(payload)
 
 
+#: How the API page describes a label-map input.
+LABEL_MAP_API = ("optional (None: quality is the agreement with the baseline): a PNG of class ids, 255 = ignore, "
+                 "the size of the image")
+
+
 class LabelFile(gr.File):
     """``gr.File`` for a label map whose payload, when it is no file, gets a message naming the input.
     (No ``__init__`` of its own: the frontend's props come from ``gr.File``'s signature.)"""
@@ -60,6 +65,16 @@ class LabelFile(gr.File):
     @data_model.setter
     def data_model(self, model: type[pydantic.BaseModel] | None) -> None:  # gr.File.__init__ sets it
         self.__dict__["_checked_model"] = checked_payload(model, "the label map") if model is not None else None
+
+    def api_info_as_input(self) -> dict[str, Any]:
+        """The API page says the label map is optional and what it holds."""
+        return {**super().api_info_as_input(), "additional_description": LABEL_MAP_API}
+
+    def example_payload(self) -> None:
+        return None  # the API page's example: no label map (gr.File's own example is a PDF)
+
+    def example_value(self) -> None:
+        return None
 
 
 class MethodChoices(gr.CheckboxGroup):

@@ -19,7 +19,7 @@ import gradio as gr
 import torch
 from gradio_client import Client, handle_file
 
-from algm_viz.app.benchmark import _free_port
+from algm_viz.serving import free_port
 from algm_viz.app.inspector_ui import InspectorPanel
 from algm_viz.app.models import ModelRegistry
 from algm_viz.app.ui import EXAMPLES_DIR, Handlers, build_demo
@@ -61,7 +61,7 @@ def main() -> None:
         purity.append(time.perf_counter() - start)
 
     demo = build_demo(Handlers(handlers.registry)).queue()
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)

@@ -1,6 +1,6 @@
 """Page load to first results: how long a visitor waits before the opening example's results are on screen.
 
-Starts ``python app.py`` on a free loopback port, then, for each of ``--loads`` page loads, a fresh headless
+Starts ``python app.py`` on a free loopback port (:class:`algm_viz.serving.AppServer`), then, for each of ``--loads`` page loads, a fresh headless
 Chromium opens the page and records (milliseconds after ``goto``): the HTML's ``DOMContentLoaded``, the
 moment Gradio has rendered the readout component, and the moment the readout holds the example's results.
 Prints one JSON object with every load and the medians.
@@ -14,45 +14,21 @@ import argparse
 import json
 import os
 import platform
-import socket
+import shutil
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from playwright import sync_api
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited with code {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"the app did not serve {url} within {timeout_s} s")
+from algm_viz.serving import CHROMIUM, CHROMIUM_ARGS, AppServer
 
 
 def measure_load(url: str, timeout_ms: int = 120_000) -> dict[str, float]:
     """One page load in a fresh browser -> ``{"dom_ms", "rendered_ms", "results_ms"}`` after ``goto``."""
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         began = time.perf_counter()
         page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
@@ -74,18 +50,14 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=5.0,
                         help="wait after the server answers, so the opening example's background pre-run is done")
     args = parser.parse_args()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--threads", str(args.threads)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = Path(tempfile.mkdtemp(prefix="algm_viz_page_load_"))
+    server = AppServer(root, args.threads)
     try:
-        _wait_until_serving(url, process)
         time.sleep(args.settle_s)
-        loads = [measure_load(url) for _ in range(args.loads)]
+        loads = [measure_load(server.url) for _ in range(args.loads)]
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
     medians = {key: statistics.median(load[key] for load in loads) for key in loads[0]}
     print(json.dumps({"loads": loads, "median": medians, "load_average": os.getloadavg(),
                       "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine()}, indent=2))

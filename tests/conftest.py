@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import cv2
@@ -10,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from algm_viz.serving import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: F401 (the tests import them from here)
 from algm_viz.models import create_segmenter, save_segmenter
 
 #: :func:`create_segmenter` arguments of the app tests' untrained model: 6 layers of width 64, 8-pixel patches, 5 classes.
 APP_TINY = dict(num_classes=5, depth=6, embed_dim=64, num_heads=2, decoder="linear", patch_size=8, image_size=64)
-#: The headless Chromium of the browser tests, its flags and how long a page may take.
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+#: How long a page of the browser tests may take.
 BROWSER_TIMEOUT_MS = 60_000
 
 #: ``variant.yml`` net_kwargs of the tiny official-format model below.
@@ -45,13 +42,6 @@ def tiny_official_model(tmp_path: Path) -> Path:
     model = create_segmenter("vit_tiny_patch16_384", num_classes=3, depth=6, embed_dim=64, num_heads=2, image_size=64,
                              layer_norm_eps=1e-6, mlp_ratio=4.0)
     return save_segmenter(model, tmp_path / "model", TINY_NET)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_registry(short_side: int = 64, **options):

@@ -8,7 +8,6 @@ the attention balance, which the app computes after these, is timed separately).
 
 from __future__ import annotations
 
-import socket
 import statistics
 from typing import Any, Callable
 
@@ -16,18 +15,13 @@ import torch
 
 from ..timing import time_once
 from .models import ModelRegistry
+from ..serving import free_port
 from .ui import Handlers, build_demo
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
     """Wall seconds of one handler call (handlers hand back host data, so no device to synchronise)."""
     return time_once(fn, "cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(model: str, image: str, taus: list[float], window: int, global_layer: int, api: bool, device: str | None,
@@ -52,7 +46,7 @@ def run(model: str, image: str, taus: list[float], window: int, global_layer: in
         from gradio_client import Client, handle_file
 
         demo = build_demo(handlers).queue()
-        port = _free_port()
+        port = free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)

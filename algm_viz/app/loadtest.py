@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,17 +29,12 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..serving import AppServer
+
 __all__ = ["run", "main"]
 
-REPO = Path(__file__).resolve().parents[2]
 #: Readout fields that must not depend on what else the server is doing.
 CHECKED = ("tokens", "thresholds", "window", "global_layer", "image_size")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> dict[str, float]:
@@ -77,32 +69,6 @@ def _percentiles(seconds: list[float]) -> dict[str, float | None]:
             "n": len(ordered)}
 
 
-class _Server:
-    """``app.py`` on 127.0.0.1 in a child process with its own temp folders under ``root``."""
-
-    def __init__(self, root: Path, threads: int, startup_s: float = 300.0) -> None:
-        self.root, self.port = root, _free_port()
-        env = {**os.environ, "TMPDIR": str(root), "GRADIO_TEMP_DIR": str(root / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
-        self.process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--host", "127.0.0.1", "--port", str(self.port),
-                                         "--threads", str(threads)], env=env, cwd=REPO,
-                                        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
-        self.url = f"http://127.0.0.1:{self.port}/"
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: see {root / 'server.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("the server did not start in time")
-
-    def stop(self) -> int:
-        self.process.terminate()
-        return self.process.wait(timeout=60)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gradio_client import Client, handle_file
 
@@ -126,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     jobs = [(image_file(1000 + i), round(0.70 + 0.0025 * i, 4), (2, 3)[i % 2]) for i in range(args.clients * args.requests)]
     reference = [local.analyze(model, image, None, tau, tau, window, 5)[6] for image, tau, window in jobs]
 
-    server = _Server(root, args.threads)
+    server = AppServer(root, args.threads)
     result: dict[str, Any] = {"model": model, "image_size": [args.width, args.height], "server_threads": args.threads}
     try:
         clients = [Client(server.url, verbose=False) for _ in range(args.clients)]

@@ -260,3 +260,22 @@ def test_sequence_splits_select_images_and_reject_shared_images(tmp_path):
                              "val_sequences": ["bb"], "train_sequences": None}))
     with pytest.raises(ValueError, match="no image of sequence"):
         train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "typo"), "train_sequences": ["zz"]}))
+
+
+def test_without_validation_the_ema_weights_are_saved_and_exported(data_root, tmp_path):
+    """``--val-split none --ema-decay``: best_ema.pt holds the last epoch's EMA and ``--export`` writes it."""
+    out, bundle = tmp_path / "run", tmp_path / "bundle"
+    code = main(["train", "--dataset", "folder", "--data-root", str(data_root / "train"), "--val-split", "none",
+                 "--class-names", *CLASSES, "--encoder-kwargs", json.dumps(TINY), "--short-side", "64",
+                 "--crop-size", "64", "--epochs", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
+                 "--ema-decay", "0.5", "--out", str(out), "--export", str(bundle)])
+    assert code == 0
+    last = torch.load(out / "last.pt", weights_only=True)
+    best_ema = torch.load(out / "best_ema.pt", weights_only=True)
+    assert best_ema["epoch"] == 2 and best_ema["val_miou"] is None
+    for name, tensor in last["ema"].items():
+        torch.testing.assert_close(best_ema["model"][name], tensor)
+    weight = "encoder.patch_embed.proj.weight"
+    assert not torch.equal(best_ema["model"][weight], last["model"][weight])  # the average, not the raw weights
+    exported = load_bundled(bundle).state_dict()[weight]
+    torch.testing.assert_close(exported, best_ema["model"][weight].half().float())

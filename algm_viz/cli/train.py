@@ -85,7 +85,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--algm", action="store_true", help="train with ALGM applied (batch-wise minimum merging)")
     run.add_argument("--algm-thresholds", type=_range, default=None, metavar="LOCAL,GLOBAL")
     run.add_argument("--export", default=None, metavar="FOLDER",
-                     help="after training, write best.pt as a bundled model (safetensors fp16 + config.json)")
+                     help="after training, write best.pt (best_ema.pt with --ema-decay) as a bundled model "
+                          "(safetensors fp16 + config.json)")
     p.set_defaults(run=run_train)
 
 
@@ -118,6 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.export:
         from ..models.bundled import export_run
 
-        folder = export_run(Path(args.out) / "best.pt", args.export)
+        weights = "best_ema.pt" if args.ema_decay is not None else "best.pt"
+        folder = export_run(Path(args.out) / weights, args.export)
         log.info("exported %s", folder)
     return 0

@@ -54,8 +54,8 @@ class TrainConfig:
     Attributes:
         out: run folder (``last.pt``, ``best.pt``, ``log.jsonl``).
         dataset, data_root, train_split, val_split, class_names: as :func:`algm_viz.datasets.open_dataset`;
-            ``val_split=None`` skips validation (``best.pt`` is then the last epoch). A CamVid split may join
-            folders (``"train+val"``).
+            ``val_split=None`` skips validation (``best.pt`` and ``best_ema.pt`` are then the last epoch's). A
+            CamVid split may join folders (``"train+val"``).
         train_sequences, val_sequences: keep only the images of these sequences (file-name prefixes, e.g.
             ``("0001TP", "0016E5")`` / ``("0006R0",)``), None = all: a validation set that shares no recording
             with the training set. Sharing an image is an error; sharing a sequence is logged as a warning.
@@ -476,6 +476,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         elif val_folder is None:
             best_epoch = epoch + 1
             save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "val_miou": None, **meta}, best_path)
+            if ema is not None:
+                best_ema_epoch = epoch + 1
+                save_checkpoint({"model": ema.module.state_dict(), "epoch": epoch + 1, "val_miou": None, **meta},
+                                best_ema_path)
         _append_json(log_path, **record)
         log.info("epoch %d/%d: loss %.4f%s%s", epoch + 1, config.epochs, record["loss"],
                  f", val mIoU {record['val_miou']:.2f}" if "val_miou" in record else "",

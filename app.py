@@ -18,6 +18,7 @@ import torch
 
 from algm_viz.app import build_demo
 from algm_viz.app.files import exit_on_sigterm
+from algm_viz.app.gpu import BASE_CALL_S, MAX_CALL_S, on_zero_gpu
 from algm_viz.app.models import ALLOW_SERVER_PATHS_ENV, MAX_UPLOAD_BYTES, ModelRegistry, server_paths_allowed
 from algm_viz.app.ui import APP_CSS, Handlers
 from algm_viz.evaluation.inference import DTYPES
@@ -53,5 +54,10 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     registry = ModelRegistry(allow_paths=server_paths_allowed(args.host, args.share, args.allow_server_paths),
                              dtype=DTYPES[args.dtype])
-    build_demo(Handlers(registry)).queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                             mcp_server=args.mcp, max_file_size=MAX_UPLOAD_BYTES, css=APP_CSS)
+    # On ZeroGPU, CUDA work runs only inside spaces.GPU calls: no pre-run in the main process, and a long
+    # request stops (between configurations) before the longest GPU reservation a call asks for runs out.
+    zero_gpu = on_zero_gpu()
+    handlers = Handlers(registry, long_budget_s=MAX_CALL_S - BASE_CALL_S) if zero_gpu else Handlers(registry)
+    demo = build_demo(handlers, prerun=not zero_gpu).queue(max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp,
+                max_file_size=MAX_UPLOAD_BYTES, css=APP_CSS)

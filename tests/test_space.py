@@ -51,7 +51,8 @@ def test_front_matter_names_the_tested_gradio_and_existing_files():
     meta = front_matter()
     assert meta["sdk"] == "gradio"
     assert str(meta["sdk_version"]) == gradio.__version__, "sdk_version must be the Gradio the suite runs on"
-    assert (ROOT / meta["app_file"]).is_file()
+    tracked = set(tracked_files())  # a Space holds what the repository holds, not what lies around here
+    assert (ROOT / meta["app_file"]).is_file() and meta["app_file"] in tracked
     assert re.fullmatch(r"3\.\d+", str(meta["python_version"]))
     assert meta["suggested_hardware"] in {"zero-a10g", "t4-small", "t4-medium", "a10g-small", "a10g-large", "l4x1"}
     assert len(meta["short_description"]) <= 60
@@ -61,7 +62,8 @@ def test_front_matter_names_the_tested_gradio_and_existing_files():
     requirements = (ROOT / "requirements.txt").read_text().split()
     for index, word in enumerate(requirements[:-1]):
         if word == "-r":
-            assert (ROOT / requirements[index + 1]).is_file()
+            assert requirements[index + 1] in tracked
+    assert "requirements.txt" in tracked
 
 
 def test_gpu_requirements_pin_a_zero_gpu_torch_pair_and_the_sdk_gradio():
@@ -146,3 +148,80 @@ def test_space_like_run_serves_on_all_interfaces_with_mcp_tools(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _app_py_startup(env: dict[str, str]) -> dict:
+    """What ``python app.py`` hands to the app, with ``build_demo`` stubbed out (nothing is built or served)."""
+    script = """
+import json, runpy, sys
+import algm_viz.app
+
+seen = {}
+
+class Demo:
+    def queue(self, **options):
+        return self
+
+    def launch(self, **options):
+        seen["launch"] = sorted(options)
+
+def build_demo(handlers, **options):
+    seen.update(budget=handlers.long_budget_s, prerun=options.get("prerun", True))
+    return Demo()
+
+algm_viz.app.build_demo = build_demo
+sys.argv = ["app.py"]
+runpy.run_path("app.py", run_name="__main__")
+print(json.dumps(seen))
+"""
+    base = {k: v for k, v in os.environ.items() if k not in ("SPACES_ZERO_GPU", "SPACE_ID")}
+    env = {**base, "ALGM_VIZ_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", **env}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_on_zero_gpu_the_app_runs_no_cuda_work_at_start_and_long_requests_fit_one_gpu_call():
+    """On ZeroGPU, CUDA work outside ``spaces.GPU`` calls fails ("CUDA must not be initialized in the main
+    process"): the page's pre-run is skipped there, and a long request's wall budget stays within the longest
+    reservation a call asks for (it stops between configurations instead of being killed)."""
+    from algm_viz.app.gpu import MAX_CALL_S
+
+    plain = _app_py_startup({})
+    assert plain["prerun"] is True and plain["budget"] > MAX_CALL_S, plain
+    zero = _app_py_startup({"SPACES_ZERO_GPU": "true", "SPACE_ID": "someone/algm-viz"})
+    assert zero["prerun"] is False, "a pre-run in the main process would initialise CUDA on ZeroGPU"
+    assert 0 < zero["budget"] < MAX_CALL_S
+    assert "mcp_server" in zero["launch"]
+
+
+def test_importing_the_app_builds_no_model_and_starts_no_thread():
+    """No work at import time: ``app.py`` and the app package only define things (the bundled model loads when
+    the demo is built, the pre-run starts there too)."""
+    script = """
+import gc, threading
+before = threading.active_count()
+import app, algm_viz.app, algm_viz.app.ui
+from algm_viz.models import Segmenter
+assert not any(isinstance(o, Segmenter) for o in gc.get_objects()), "a model was built at import"
+assert not [t.name for t in threading.enumerate() if t.name.startswith("algm-viz")], "a thread was started at import"
+print("ok")
+"""
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_model_list_offers_every_official_checkpoint_with_the_bundled_model_first():
+    """Online (a Space) the official Segmenter ADE20K checkpoints are in the list, downloaded on first use;
+    the bundled model, which needs no network, stays the default."""
+    from algm_viz.app.models import ModelRegistry
+    from algm_viz.models import KNOWN_MODELS
+    from algm_viz.models.loading import DEFAULT_MODEL
+
+    registry = ModelRegistry(device="cpu")
+    keys = [key for _, key in registry.choices()]
+    assert registry.default_key() == keys[0] == f"bundled:{DEFAULT_MODEL}"
+    assert {f"official:{name}" for name in KNOWN_MODELS} <= set(keys)
+    assert not registry._entries, "listing the models loads none of them"

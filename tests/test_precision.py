@@ -3,6 +3,7 @@ follows its input's device."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -151,3 +152,17 @@ def test_the_app_runs_its_forwards_in_the_registry_precision(tmp_path):
     assert computed_in == {torch.bfloat16}
     readout = next(o for o in outputs if isinstance(o, dict))
     assert readout["tokens"] and 0.0 <= readout["agreement_miou"] <= 100.0  # a real analysis came back
+
+
+def test_bench_runs_in_half_precision(capsys):
+    """``algm-viz bench --dtype bf16`` casts the model and the images: the report says so, ALGM still merges and
+    the half-precision forward is timed."""
+    from algm_viz.cli import main
+
+    assert main(["bench", "--backbone", "vit_tiny_patch16_384", "--num-classes", "3", "--size", "64", "96",
+                 "--repeats", "1", "--warmup", "0", "--taus", "0.0", "--dtype", "bf16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "bf16"
+    baseline, merged = report["results"]
+    assert merged["tokens"]["global"] < merged["tokens"]["local"] < baseline["tokens"]["patches"] == 24
+    assert merged["gflops"] < baseline["gflops"] and merged["network_ms_median"] > 0

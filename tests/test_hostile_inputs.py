@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import weakref
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -183,6 +184,49 @@ def test_checkpoint_larger_than_the_limit_is_not_read(tmp_path, monkeypatch):
                              max_checkpoint_bytes=1000)
     with pytest.raises(CheckpointError, match="MiB accepted here"):
         registry.get(registry.add_folder(folder))
+
+
+def _deflated(source: Path, target: Path, **extra: torch.Tensor) -> Path:
+    """``source``'s state dict (plus ``extra`` entries) saved by torch, then repacked with every member deflated
+    (torch writes them stored; it reads deflated ones too)."""
+    state = torch.load(source, weights_only=True)
+    state["model"].update(extra)
+    plain = target.with_suffix(".plain")
+    torch.save(state, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for member in src.infolist():
+            dst.writestr(member.filename, src.read(member.filename))
+    plain.unlink()
+    return target
+
+
+def test_a_zip_bomb_checkpoint_is_refused_before_unpacking(tmp_path, monkeypatch):
+    folder = _tiny_checkpoint(tmp_path / "model")
+    _deflated(folder / "checkpoint.pth", tmp_path / "small.pth")
+    (tmp_path / "small.pth").replace(folder / "checkpoint.pth")
+    assert len(load_segmenter(folder, max_checkpoint_bytes=2**20).encoder.blocks) == NET["n_layers"], \
+        "a deflated checkpoint within the limit loads"
+    _deflated(folder / "checkpoint.pth", tmp_path / "bomb.pth", pad=torch.zeros(2_000_000))  # 8 MB of zeros
+    (tmp_path / "bomb.pth").replace(folder / "checkpoint.pth")
+    assert (folder / "checkpoint.pth").stat().st_size < 2**20, "the file itself is under the limit"
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must not unpack a zip bomb"))
+    with pytest.raises(CheckpointError, match=r"unpacks to 8 MiB, more than the 1 MiB accepted here"):
+        load_segmenter(folder, max_checkpoint_bytes=2**20)
+    registry = ModelRegistry(device="cpu", include_bundled=False, untrained=dict(depth=2, embed_dim=32, num_heads=2),
+                             max_checkpoint_bytes=2**20)
+    with pytest.raises(CheckpointError, match="unpacks to 8 MiB"):
+        registry.get(registry.add_folder(folder))
+
+
+def test_an_upload_never_asks_timm_for_pretrained_weights(tmp_path, monkeypatch):
+    import timm
+
+    folder = _tiny_checkpoint(tmp_path / "model")
+    (folder / "variant.yml").write_text(yaml.safe_dump({"net_kwargs": {**NET, "backbone": "vit_tiny_patch16_384.augreg_in21k_ft_in1k"}}))
+    calls, create = [], timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append((a, k)) or create(*a, **k))
+    load_segmenter(folder)
+    assert [(a[0], k["pretrained"]) for a, k in calls] == [("vit_tiny_patch16_384.augreg_in21k_ft_in1k", False)]
 
 
 @pytest.mark.parametrize("host, share, explicit, allowed", [

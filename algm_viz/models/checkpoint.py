@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -100,13 +101,32 @@ def _build(spec: NetSpec) -> Segmenter:
         raise CheckpointError(f"variant.yml does not describe a supported Segmenter: {excerpt(str(error), 200)}") from error
 
 
+def _check_unpacked_size(path: Path, max_bytes: int) -> None:
+    """Refuse a zip ``checkpoint.pth`` (torch's format) whose members unpack to more than ``max_bytes``: torch
+    reads deflated members too, so a file of a few hundred KB could otherwise fill gigabytes (a zip bomb).
+    The sizes come from the archive's directory, before anything is unpacked."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: tensors are read as stored, bounded by the file's size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint.pth could not be read safely: {excerpt(str(error), 200)}") from None
+    if unpacked > max_bytes:
+        raise CheckpointError(f"checkpoint.pth unpacks to {unpacked / 2**20:,.0f} MiB, more than the "
+                              f"{max_bytes / 2**20:,.0f} MiB accepted here")
+
+
 def _read_state(path: Path, map_location: str | torch.device, max_bytes: int | None) -> dict[str, torch.Tensor]:
     """The state dict in ``checkpoint.pth`` (its ``"model"`` entry, or the file's dict itself), read with
-    ``weights_only=True``; refused without reading when the file is larger than ``max_bytes``."""
+    ``weights_only=True``; refused without reading when the file, or what its zip members unpack to, is
+    larger than ``max_bytes``."""
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise CheckpointError(f"checkpoint.pth is {size / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} MiB "
                               "accepted here")
+    if max_bytes is not None:
+        _check_unpacked_size(path, max_bytes)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle/zip errors come in many types

@@ -468,3 +468,26 @@ def test_a_disconnected_compare_stops_within_a_configuration(api_server):
     assert stops and "client disconnected" in stops[0], (steps, stops)
     total = 2 + sum(len(METHODS[m].values) for m in methods)
     assert len(steps) <= at_close + 2 < total, (at_close, steps)
+
+
+def test_handler_curve_answers_a_spent_budget_clearly(tmp_path, monkeypatch):
+    handlers = Handlers(tiny_registry(), thresholds=(0.7, 0.8, 0.9, 1.0), with_gflops=False)
+    clock = FakeClock(4.0)  # starts at 4; the third check (at 16) has spent 12 s of 10
+    monkeypatch.setattr(handlers, "budget", lambda request=None: Budget(10.0, clock=clock))
+    image = write(tmp_path, "scene.png", scene())
+    with pytest.raises(gr.Error, match=r"stopped after 2 of \d+ configurations: this request's time budget"):
+        handlers.curve("untrained", image, None, 0.8, 0.8, 2, 5)
+    monkeypatch.setattr(handlers, "budget", lambda request=None: Budget(600.0))
+    assert handlers.curve("untrained", image, None, 0.8, 0.8, 2, 5)[0] is not None, "the same curve runs within a budget"
+
+
+def test_temp_folders_are_removed_at_a_normal_exit(tmp_path):
+    script = ("import sys\n"
+              "from algm_viz.app.files import PictureFiles, make_temp_dir\n"
+              "print(make_temp_dir('export', sys.argv[1]), PictureFiles(root=sys.argv[1]).folder)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    made = [Path(p) for p in done.stdout.split()]
+    assert len(made) == 2 and all(p.parent == tmp_path and p.name.startswith("algm_viz_") for p in made)
+    assert not list(tmp_path.iterdir()), "the process removed its folders when it exited"

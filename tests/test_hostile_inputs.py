@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -27,8 +28,10 @@ from algm_viz.app.session import SessionCache
 from algm_viz.app.ui import Handlers
 from algm_viz.models import CheckpointError, create_segmenter, load_segmenter, save_segmenter
 from algm_viz.models import checkpoint as checkpoint_module
-from algm_viz.models.variant import EXCERPT_CHARS, MAX_VARIANT_BYTES, NetSpec, estimate_activation_bytes, estimate_parameters
+from algm_viz.models.variant import (EXCERPT_CHARS, MAX_VARIANT_BYTES, NetSpec, VariantLoader, estimate_activation_bytes,
+                                     estimate_parameters)
 
+REPO = Path(__file__).resolve().parents[1]
 NET = {"backbone": "vit_tiny_patch16_384", "d_model": 32, "n_heads": 2, "n_layers": 2, "patch_size": 16,
        "image_size": 64, "n_cls": 5, "decoder": {"name": "linear"}}
 MAX_RSS_GROWTH = 300 * 2**20
@@ -153,6 +156,12 @@ def test_budget_and_bombs_are_refused_within_a_second(probe, case):
     assert probe[case]["seconds"] < 1.0, f"{case} took {probe[case]['seconds']:.2f} s to refuse"
 
 
+def test_variants_are_parsed_by_libyaml_where_installed():
+    if not yaml.__with_libyaml__:
+        pytest.skip("PyYAML without libyaml")
+    assert issubclass(VariantLoader, yaml.CSafeLoader), "the C parser reads a bounded document in milliseconds"
+
+
 def test_error_excerpts_are_short():
     assert EXCERPT_CHARS < MAX_MESSAGE_CHARS < len(CASES["long_value"][0])
 
@@ -243,6 +252,58 @@ def test_server_paths_only_on_loopback_unless_allowed(host, share, explicit, all
     monkeypatch.setenv(ALLOW_SERVER_PATHS_ENV, "0")
     monkeypatch.setenv("SPACE_ID", "user/space")
     assert server_paths_allowed(host, share, explicit) is explicit
+
+
+APP_STARTUP = """
+import json, runpy, sys
+import algm_viz.app
+
+seen = []
+
+class Demo:
+    def queue(self, **options):
+        return self
+
+    def launch(self, **options):
+        seen[-1]["max_file_size"] = options.get("max_file_size")
+
+def build_demo(handlers, **options):
+    seen.append({"allow_paths": handlers.registry.allow_paths})
+    return Demo()
+
+algm_viz.app.build_demo = build_demo
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["app.py", *argv]
+    runpy.run_path("app.py", run_name="__main__")
+print(json.dumps(seen))
+"""
+
+
+def test_app_py_limits_uploads_and_allows_server_paths_only_on_loopback(tmp_path):
+    """What ``python app.py`` passes on: the upload size limit, and server-side folders only on a loopback host
+    without ``--share`` unless ``--allow-server-paths``."""
+    from algm_viz.app.models import MAX_UPLOAD_BYTES
+
+    argvs = [[], ["--host", "0.0.0.0"], ["--share"], ["--host", "0.0.0.0", "--allow-server-paths"], ["--host", "::1"]]
+    env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "SPACES_ZERO_GPU", ALLOW_SERVER_PATHS_ENV)}
+    env.update(ALGM_VIZ_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(tmp_path),
+               GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    done = subprocess.run([sys.executable, "-c", APP_STARTUP, json.dumps(argvs)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [run["allow_paths"] for run in seen] == [True, False, False, True, True]
+    assert {run["max_file_size"] for run in seen} == {MAX_UPLOAD_BYTES} and MAX_UPLOAD_BYTES <= 2**30
+
+
+def test_the_page_removes_gradios_stored_files_by_age():
+    from algm_viz.app.ui import build_demo
+
+    registry = ModelRegistry(device="cpu", default_short_side=32, include_bundled=False,
+                             untrained=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, image_size=32))
+    demo = build_demo(Handlers(registry, thresholds=(0.9,), with_gflops=False), prerun=False)
+    every, age = demo.delete_cache
+    assert 0 < every <= age <= 3600, "uploads and copies older than an hour at most are removed"
 
 
 def test_locked_registry_refuses_server_folders_for_checkpoints_and_bundled_models(tmp_path):

@@ -8,6 +8,7 @@ applied, palette (P-mode) label maps give their indices, and only plain raster f
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -32,15 +33,22 @@ class ImageError(ValueError):
     """An input that cannot be used as an image, with the reason."""
 
 
-def _open_checked(path: str | Path, max_pixels: int, what: str) -> PIL.Image.Image:
-    """The decoded, EXIF-oriented image at ``path``; refuses files over ``max_pixels`` from the header."""
-    name = Path(path).name
-    if not Path(path).is_file() or Path(path).stat().st_size == 0:
-        raise ImageError(f"{name}: no such file or an empty file")
+def _open_checked(path: str | Path | bytes, max_pixels: int, what: str, name: str | None = None) -> PIL.Image.Image:
+    """The decoded, EXIF-oriented image at ``path`` (or in these bytes, called ``name`` in messages); refuses
+    files over ``max_pixels`` from the header."""
+    if isinstance(path, bytes):
+        name = name or "the image"
+        if not path:
+            raise ImageError(f"{name}: an empty file")
+        source: str | Path | io.BytesIO = io.BytesIO(path)
+    else:
+        name, source = Path(path).name, path
+        if not Path(path).is_file() or Path(path).stat().st_size == 0:
+            raise ImageError(f"{name}: no such file or an empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(path, formats=IMAGE_FORMATS)  # reads the header only
+            image = PIL.Image.open(source, formats=IMAGE_FORMATS)  # reads the header only
     except PIL.Image.DecompressionBombError:
         raise ImageError(f"{name} is larger than {max_pixels // 1_000_000} megapixels: refused") from None
     except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -65,13 +73,14 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Image file -> ``[H, W, 3]`` uint8 RGB, upright (EXIF orientation applied).
+def read_image(path: str | Path | bytes, max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """Image file (or a file's bytes read in memory, e.g. a zip member, called ``name`` in messages) ->
+    ``[H, W, 3]`` uint8 RGB, upright (EXIF orientation applied).
 
     Gray, gray+alpha, palette, RGB(A), CMYK, 16-bit gray and float images are accepted; alpha is dropped.
     Raises :class:`ImageError` for files that are no image and images over ``max_pixels``.
     """
-    image = _open_checked(path, max_pixels, "an image")
+    image = _open_checked(path, max_pixels, "an image", name)
     if image.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", "La"):
         image = image.convert("RGBA" if image.mode in ("PA", "RGBa") or "transparency" in image.info else "RGB")
     return to_rgb_uint8(_native(np.array(image)))

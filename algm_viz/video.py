@@ -1,15 +1,17 @@
 """Merging on a short video: frames read within bounds, the baseline and ALGM forward per frame, the
 temporal stability of merge groups and predictions, and the rendered output clip.
 
-Frames are read with OpenCV (``cv2.VideoCapture``: whatever its FFmpeg reads, e.g. mp4, webm, avi) and
-written as WebM/VP8 where OpenCV's writer has it (Chromium and Firefox play it), else MP4/``mp4v``.
+Frames are read from a video file with OpenCV (``cv2.VideoCapture``: whatever its FFmpeg reads, e.g. mp4, webm,
+avi) or from a ``.zip`` of image frames (:mod:`.frame_zip`: in memory, natural order, bounded), both by
+:func:`read_clip`, and written as WebM/VP8 where OpenCV's writer has it (Chromium and Firefox play it), else
+MP4/``mp4v``.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from . import render
 from .animation import caption_frame, write_clip
+from .frame_zip import ZIP_FPS, ZipFramesError, ZipLimits, is_zip, list_frames, read_frames
 from .evaluation.inference import default_short_side, prepare, resized_shape
 from .patch import algm_state, apply_algm, group_map, merging_restored, remove_algm
 from .timing import timed
@@ -39,13 +42,15 @@ class VideoError(ValueError):
 
 @dataclass(frozen=True)
 class VideoLimits:
-    """Bounds on the work of one clip: frames analysed (after the ``stride``), seconds of video, pixels per
-    frame, and the stride (every ``stride``-th frame is analysed)."""
+    """Bounds on the work of one clip: frames analysed (after the ``stride``), seconds of video (a video file's;
+    a zip of frames is bounded by ``archive`` instead), pixels per frame, and the stride (every ``stride``-th
+    frame is analysed)."""
 
     max_frames: int = 48
     max_seconds: float = 30.0
     max_pixels: int = 1920 * 1080
     stride: int = 1
+    archive: ZipLimits = ZipLimits()
 
     def __post_init__(self) -> None:
         if self.max_frames < 1 or self.max_seconds <= 0 or self.max_pixels < 1:
@@ -61,7 +66,8 @@ class VideoLimits:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the file's header says: ``frames`` (0 when it does not say), ``fps``, ``width``, ``height``."""
+    """What the file's header says: ``frames`` (0 when it does not say), ``fps``, ``width``, ``height`` (0 when
+    unknown: a zip's frames are not decoded by :func:`probe`)."""
 
     frames: int
     fps: float
@@ -75,12 +81,14 @@ class VideoInfo:
 
 @dataclass
 class Clip:
-    """Frames read from a video: ``frames`` ``[H, W, 3]`` uint8 RGB (every ``stride``-th), the file's ``fps``."""
+    """Frames read from a video or a zip of frames: ``frames`` ``[H, W, 3]`` uint8 RGB (every ``stride``-th),
+    their ``fps``, and ``notes`` on what reading changed (a zip's skipped members, resized frames)."""
 
     frames: list[np.ndarray]
     fps: float
     stride: int
     info: VideoInfo
+    notes: list[str] = field(default_factory=list)
 
     @property
     def output_fps(self) -> float:
@@ -108,8 +116,15 @@ def _info(capture: cv2.VideoCapture) -> VideoInfo:
                      int(number(cv2.CAP_PROP_FRAME_WIDTH)), int(number(cv2.CAP_PROP_FRAME_HEIGHT)))
 
 
-def probe(path: str | Path) -> VideoInfo:
-    """The header of the video at ``path`` (no frame decoded); :class:`VideoError` if it is none."""
+def probe(path: str | Path, limits: VideoLimits = VideoLimits()) -> VideoInfo:
+    """The header of the video at ``path`` (no frame decoded), or of a ``.zip`` of frames (its image count,
+    :data:`~.frame_zip.ZIP_FPS`, size unknown: 0 × 0); :class:`VideoError` if it is neither."""
+    if is_zip(path):
+        try:
+            images, _ = list_frames(path, limits.archive)
+        except ZipFramesError as error:
+            raise VideoError(str(error)) from None
+        return VideoInfo(len(images), ZIP_FPS, 0, 0)
     capture = _open(path)
     try:
         return _info(capture)
@@ -130,12 +145,34 @@ def _check_bounds(name: str, info: VideoInfo, limits: VideoLimits) -> None:
                          f"use a stride of at least {needed} or a shorter clip")
 
 
-def read_clip(path: str | Path, limits: VideoLimits = VideoLimits()) -> Clip:
-    """Every ``limits.stride``-th frame of the video at ``path`` as RGB.
+def _check_fps(fps: float | None) -> None:
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0.1 <= fps <= 240):
+        raise VideoError(f"the frame rate must be a number in 0.1..240 frames per second, got {str(fps)[:20]}")
 
-    Raises :class:`VideoError` for a file that is no readable video or has no frame, and for one beyond
-    ``limits`` (checked from the header before decoding, and again while reading, as headers may be wrong).
+
+def _read_zip(path: str | Path, limits: VideoLimits, fps: float | None) -> Clip:
+    try:
+        read = read_frames(path, stride=limits.stride, max_frames=limits.max_frames, max_pixels=limits.max_pixels,
+                           limits=limits.archive)
+    except ZipFramesError as error:
+        raise VideoError(str(error)) from None
+    rate = float(fps or ZIP_FPS)
+    height, width = read.frames[0].shape[:2]
+    return Clip(read.frames, rate, limits.stride, VideoInfo(read.images, rate, width, height), read.notes)
+
+
+def read_clip(path: str | Path, limits: VideoLimits = VideoLimits(), fps: float | None = None) -> Clip:
+    """Every ``limits.stride``-th frame of the video, or of the ``.zip`` of image frames
+    (:func:`~.frame_zip.read_frames`), at ``path`` as RGB. ``fps``: the frames' rate (the output clip's, times
+    the stride); None takes the video header's (25 where it has none) or :data:`~.frame_zip.ZIP_FPS` for a zip.
+
+    Raises :class:`VideoError` for a file that is no readable video or zip of frames or has no frame, and for
+    one beyond ``limits`` (checked from the header or the zip's directory before decoding, and again while
+    reading, as headers may be wrong).
     """
+    _check_fps(fps)
+    if is_zip(path):
+        return _read_zip(path, limits, fps)
     name = Path(path).name
     capture = _open(path)
     try:
@@ -165,7 +202,7 @@ def read_clip(path: str | Path, limits: VideoLimits = VideoLimits()) -> Clip:
         capture.release()
     if not frames:
         raise VideoError(f"{name} holds no frame this app can decode (corrupt file or unsupported codec)")
-    return Clip(frames, info.fps or 25.0, limits.stride, info)
+    return Clip(frames, float(fps or info.fps or 25.0), limits.stride, info)
 
 
 @dataclass

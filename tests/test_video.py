@@ -1,6 +1,11 @@
-"""Video: frames read within bounds from clips written here, bad files refused, per-frame analysis, the
-stability metrics on hand-built cases, and the output clip read back."""
+"""Video: frames read within bounds from clips and zips of frames written here, bad and hostile files refused
+(zip bombs, zip-slip names, corrupt and encrypted archives), per-frame analysis, the stability metrics on
+hand-built cases, and the output clip read back."""
 
+import io
+import struct
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -10,6 +15,7 @@ import torch
 
 from algm_viz import algm_state, apply_algm, remove_algm
 from algm_viz.evaluation.inference import prepare
+from algm_viz.frame_zip import ZIP_FPS, ZipFramesError, ZipLimits, natural_key, read_capped
 from algm_viz.models import create_segmenter
 from algm_viz.video import (CODECS, VideoError, VideoLimits, analyze_frames, class_changes, group_changes, probe,
                             read_clip, render_frame, stability, write_video)
@@ -31,6 +37,40 @@ def write_clip(path, frames: int = 6, size: tuple[int, int] = (48, 32), fps: flo
         writer.write(frame)
     writer.release()
     return path
+
+
+def png(value: int, size: tuple[int, int] = (48, 32)) -> bytes:
+    """A PNG of one gray ``value`` (its frame's id when read back), ``size`` = (width, height)."""
+    ok, data = cv2.imencode(".png", np.full((size[1], size[0], 3), value, np.uint8))
+    assert ok
+    return data.tobytes()
+
+
+def write_zip(path, members: dict, compression: int = zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def patch_headers(path, name: str, *, flags: int | None = None, size: int | None = None) -> None:
+    """Rewrite one member's flag bits and/or declared uncompressed size in its local and its central header."""
+    data = bytearray(Path(path).read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(name).header_offset
+    central = data.find(b"PK\x01\x02")
+    while data[central + 46: central + 46 + len(name)] != name.encode():
+        central = data.find(b"PK\x01\x02", central + 4)
+    for offset, flag_at, size_at in ((local, 6, 22), (central, 8, 24)):
+        if flags is not None:
+            struct.pack_into("<H", data, offset + flag_at, flags)
+        if size is not None:
+            struct.pack_into("<I", data, offset + size_at, size)
+    Path(path).write_bytes(bytes(data))
+
+
+def frame_ids(clip) -> list[int]:
+    return [int(frame[0, 0, 0]) for frame in clip.frames]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +119,144 @@ def test_hostile_files_get_a_clear_error(tmp_path):
         read_clip(empty)
     with pytest.raises(VideoError, match="no such file"):
         read_clip(tmp_path / "missing.avi")
+
+
+def test_natural_order_compares_digit_runs_as_numbers():
+    names = ["frame10.png", "Frame2.png", "frame1.png", "a/frame3.png", "frame02b.png"]
+    assert sorted(names, key=natural_key) == ["a/frame3.png", "frame1.png", "Frame2.png", "frame02b.png", "frame10.png"]
+
+
+def test_a_zip_of_frames_reads_in_natural_order_skipping_the_rest(tmp_path):
+    ok, jpeg = cv2.imencode(".jpg", np.full((64, 96, 3), 40, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    path = write_zip(tmp_path / "frames.zip", {
+        "seq/frame10.png": png(100), "seq/frame2.png": png(20), "seq/frame1.png": png(10),
+        "seq/frame3.JPG": jpeg.tobytes(),  # twice the first frame's size: resized
+        "seq/": b"", "__MACOSX/seq/._frame1.png": b"resource fork", "seq/.DS_Store": b"\x00\x01",
+        "seq/notes.txt": b"shot on a phone"})
+    clip = read_clip(path)
+    assert frame_ids(clip)[:2] + frame_ids(clip)[3:] == [10, 20, 100] and abs(frame_ids(clip)[2] - 40) <= 2
+    assert all(frame.shape == (32, 48, 3) and frame.dtype == np.uint8 for frame in clip.frames)
+    assert clip.fps == ZIP_FPS and (clip.info.frames, clip.info.width, clip.info.height) == (4, 48, 32)
+    assert clip.notes == ["1 file that is no image frame skipped: seq/notes.txt",
+                          "1 frame of another size resized to 48×32 (the first frame's)"]
+    assert (probe(path).frames, probe(path).fps) == (4, ZIP_FPS)
+    strided = read_clip(path, VideoLimits(stride=2), fps=4)
+    assert frame_ids(strided)[0] == 10 and abs(frame_ids(strided)[1] - 40) <= 2  # frames 1 and 3 of 1, 2, 3, 10
+    assert strided.fps == 4 and strided.output_fps == 2 and len(strided.frames) == 2
+    for bad in (0, float("nan"), "10", True):
+        with pytest.raises(VideoError, match="frame rate"):
+            read_clip(path, fps=bad)
+
+
+def test_zip_frames_go_through_the_safe_image_reader_exif_included(tmp_path):
+    import PIL.Image
+    picture = np.zeros((32, 48, 3), np.uint8)
+    picture[:, :8] = 255  # a white left edge, stored sideways with EXIF orientation 6 (rotate 90° clockwise)
+    buffer, exif = io.BytesIO(), PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(picture).save(buffer, "JPEG", quality=95, exif=exif)
+    clip = read_clip(write_zip(tmp_path / "phone.zip", {"img_0001.jpg": buffer.getvalue()}))
+    frame = clip.frames[0]
+    assert frame.shape == (48, 32, 3) and frame[:8].mean() > 200 and frame[16:].mean() < 30  # upright: edge on top
+
+
+def test_zip_slip_names_are_read_in_memory_and_nothing_is_written(tmp_path):
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    path = write_zip(folder / "slip.zip", {"../x.png": png(1), "/tmp/y.png": png(2), "a/../../z.png": png(3)})
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    clip = read_clip(path)
+    assert sorted(frame_ids(clip)) == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and not Path("/tmp/y.png").exists()
+
+
+def test_a_zip_bomb_is_stopped_by_the_cap_in_bounded_memory(tmp_path):
+    """A 64 MiB member of zeros (64 KiB deflated) whose headers claim 1000 bytes: reading stops at the cap."""
+    bomb = 64 * 2**20
+    path = write_zip(tmp_path / "bomb.zip", {"frame1.png": png(1), "frame2.png": b"\x00" * bomb},
+                     zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < bomb // 200
+    patch_headers(path, "frame2.png", size=1000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(VideoError, match="bomb.zip: frame2.png (is corrupt|inflates beyond)"):
+            read_clip(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20  # the cap, not the 64 MiB, decides what is read
+
+
+def test_the_cap_reads_one_byte_past_it_and_no_more():
+    class Counting(io.BytesIO):
+        asked = 0
+
+        def read(self, size=-1):
+            Counting.asked = size
+            return super().read(size)
+
+    stream = Counting(b"\x00" * 10_000)
+    with pytest.raises(ZipFramesError, match="x.zip: a.png inflates beyond the 1000 bytes its header declares"):
+        read_capped(stream, 1000, "x.zip: a.png")
+    assert Counting.asked == 1001 and stream.tell() == 1001
+    assert read_capped(io.BytesIO(b"\x01" * 1000), 1000, "a") == b"\x01" * 1000
+
+
+def test_zip_bounds_are_checked_before_anything_is_read(tmp_path, monkeypatch):
+    big = write_zip(tmp_path / "big.zip", {"frame1.png": png(1), "frame2.png": b"\x00" * 2**23}, zipfile.ZIP_DEFLATED)
+    many = write_zip(tmp_path / "many.zip", {f"frame{i}.png": png(i) for i in range(31)})
+    heavy = write_zip(tmp_path / "heavy.zip", {f"frame{i}.png": b"\x00" * 600 * 2**10 for i in range(3)},
+                      zipfile.ZIP_DEFLATED)
+    small = ZipLimits(max_members=20, max_member_bytes=2**20, max_total_bytes=2**20)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a member was read")
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", no_reading)
+    with pytest.raises(VideoError, match=r"big.zip: frame2.png declares 8.0 MiB uncompressed; at most 1 MiB"):
+        read_clip(big, VideoLimits(archive=small))
+    with pytest.raises(VideoError, match=r"heavy.zip: the 3 frames to read declare 1.8 MiB uncompressed"):
+        read_clip(heavy, VideoLimits(archive=small))
+    with pytest.raises(VideoError, match="use a stride of at least 16"):
+        read_clip(many, VideoLimits(max_frames=2))
+    monkeypatch.setattr(zipfile, "ZipFile", no_reading)  # the member count comes from the end record first
+    with pytest.raises(VideoError, match="many.zip holds 31 files .*; at most 20 files are accepted"):
+        read_clip(many, VideoLimits(archive=small))
+    with pytest.raises(VideoError, match="many.zip holds 31 files"):
+        probe(many, VideoLimits(archive=small))
+
+
+def test_bad_zips_get_a_clear_error_naming_the_file(tmp_path):
+    cases = {}
+    (tmp_path / "empty.zip").write_bytes(b"")
+    cases["empty.zip"] = "empty.zip is an empty file"
+    write_zip(tmp_path / "nothing.zip", {})
+    cases["nothing.zip"] = "nothing.zip is an empty zip"
+    write_zip(tmp_path / "text.zip", {"readme.txt": b"hello", "data/labels.csv": b"1,2"})
+    cases["text.zip"] = r"text.zip holds no image frames \(.png/.*; found readme.txt, data/labels.csv"
+    (tmp_path / "noise.zip").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    cases["noise.zip"] = "noise.zip is not a zip archive"
+    whole = write_zip(tmp_path / "whole.zip", {"frame1.png": png(1), "frame2.png": png(2)}).read_bytes()
+    (tmp_path / "cut.zip").write_bytes(whole[: len(whole) // 2])
+    cases["cut.zip"] = "cut.zip is not a zip archive"
+    damaged = bytearray(whole)
+    damaged[len(whole) // 4: len(whole) // 4 + 40] = b"\xff" * 40  # inside the first member's stored data
+    (tmp_path / "damaged.zip").write_bytes(bytes(damaged))
+    cases["damaged.zip"] = r"damaged.zip: frame1.png is corrupt: its data does not match its header \(Bad CRC-32"
+    write_zip(tmp_path / "fake.zip", {"frame1.png": png(1), "frame2.png": b"not a png at all"})
+    cases["fake.zip"] = "fake.zip: frame2.png is not an image this app can read"
+    write_zip(tmp_path / "locked.zip", {"frame1.png": png(1)})
+    patch_headers(tmp_path / "locked.zip", "frame1.png", flags=0x1)
+    cases["locked.zip"] = "locked.zip: frame1.png is encrypted"
+    write_zip(tmp_path / "bz.zip", {"frame1.png": png(1)}, zipfile.ZIP_BZIP2)
+    cases["bz.zip"] = "bz.zip: frame1.png uses compression method 12; only stored and deflated"
+    write_zip(tmp_path / "huge.zip", {"frame1.png": png(1, (4000, 3000))})
+    cases["huge.zip"] = "huge.zip: frame1.png is 4000×3000 pixels; at most 2 megapixels"
+    for name, message in cases.items():
+        with pytest.raises(VideoError, match=message):
+            read_clip(tmp_path / name)
+    with pytest.raises(VideoError, match="gone.zip: no such file"):
+        read_clip(tmp_path / "gone.zip")
 
 
 def test_group_changes_count_membership_not_ids():
@@ -185,6 +363,25 @@ def test_the_panel_returns_a_clip_a_plot_and_the_stability(panel, tmp_path):
     assert [trace.name for trace in figure.data if "latency" in trace.name] == ["ALGM latency (ms)"]
 
 
+def test_the_panel_reads_a_zip_of_frames_at_its_frame_rate(panel, tmp_path):
+    import gradio as gr
+    frames = {f"shot/f{i}.png": png(20 * i, (48 + 16 * (i == 3), 32)) for i in (1, 2, 3, 10)}
+    path = write_zip(tmp_path / "frames.zip", {**frames, "__MACOSX/shot/._f1.png": b"x", "shot/notes.txt": b"x"})
+    clip, _, markdown, summary = panel.analyze("untrained", str(path), 0.6, 0.6, 2, 3, False, 1, False, 4.0,
+                                               progress=lambda *a, **k: None)
+    assert summary["frames"] == 4 and summary["fps"] == 4.0 and len(summary["stability"]["groups"]) == 3
+    assert "notes.txt" in markdown and "resized to 48×32" in markdown and len(summary["notes"]) == 2
+    capture = cv2.VideoCapture(clip)
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(4.0)
+    capture.release()
+    with pytest.raises(gr.Error, match="frame rate"):
+        panel.analyze("untrained", str(path), 0.6, 0.6, 2, 3, False, 1, False, -1, progress=lambda *a, **k: None)
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 and then nothing")
+    with pytest.raises(gr.Error, match="bad.zip is not a zip archive"):
+        panel.analyze("untrained", str(bad), 0.6, 0.6, 2, 3, False, 1, progress=lambda *a, **k: None)
+
+
 def test_the_panel_refuses_bad_input_clearly(panel, tmp_path):
     import gradio as gr
     fake = tmp_path / "clip.mp4"
@@ -224,6 +421,9 @@ def test_video_and_layer_maps_endpoints_through_gradio_client(tmp_path):
                                                           api_name="/video")
         video = video["video"] if isinstance(video, dict) else video
         assert str(video).endswith(".webm") and summary["frames"] == 2 and "Frame to frame" in markdown
+        frames = client_module.handle_file(str(write_zip(tmp_path / "frames.zip", {f"f{i}.png": png(i) for i in range(3)})))
+        _, _, _, summary = client.predict("untrained", frames, 0.6, 0.6, 2, 3, False, 1, True, api_name="/video")
+        assert summary["frames"] == 3 and summary["fps"] == ZIP_FPS
         fake = tmp_path / "fake.mp4"
         fake.write_bytes(b"\x00" * 4096)
         with pytest.raises(Exception, match="fake.mp4"):

@@ -93,6 +93,11 @@ def _shown(name: str) -> str:
     return clean if len(clean) <= 80 else clean[:77] + "..."
 
 
+def _listed(names: list[str]) -> str:
+    """The first three ``names`` fit for a message, ``...`` after them when there are more."""
+    return ", ".join(_shown(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def _hidden(name: str) -> bool:
     parts = [part for part in name.replace("\\", "/").split("/") if part]
     return any((part.startswith(".") and part not in (".", "..")) or part == "__MACOSX" for part in parts)
@@ -125,9 +130,8 @@ def _members(archive: zipfile.ZipFile, zip_name: str, limits: ZipLimits) -> tupl
     images = [e for e in files if Path(e.filename).suffix.lower() in IMAGE_SUFFIXES]
     skipped = [e.filename for e in files if e not in images]
     if not images:
-        found = ", ".join(_shown(n) for n in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         raise ZipFramesError(f"{zip_name} holds no image frames ({'/'.join(IMAGE_SUFFIXES)})"
-                             + (f"; found {found}" if found else ""))
+                             + (f"; found {_listed(skipped)}" if skipped else ""))
     return sorted(images, key=lambda e: natural_key(e.filename)), skipped
 
 
@@ -221,9 +225,8 @@ def read_frames(path: str | Path, *, stride: int = 1, max_frames: int = 48, max_
                 raise ZipFramesError(str(error)) from None
     notes = []
     if skipped:
-        shown = ", ".join(_shown(n) for n in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         notes.append(f"{len(skipped)} file{'s' * (len(skipped) > 1)} that {'are' if len(skipped) > 1 else 'is'} "
-                     f"no image frame skipped: {shown}")
+                     f"no image frame skipped: {_listed(skipped)}")
     height, width = frames[0].shape[:2]
     resized = [i for i, frame in enumerate(frames) if frame.shape[:2] != (height, width)]
     for i in resized:

@@ -1,6 +1,9 @@
 """The app as an API: a real server on 127.0.0.1 driven through ``gradio_client``."""
 
+import functools
 import json
+import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -11,11 +14,14 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from algm_viz.app.session import SessionCache  # noqa: E402
-from algm_viz.app.ui import Handlers, build_demo  # noqa: E402
+from algm_viz.app.ui import Handlers, build_demo, opening_settings  # noqa: E402
 
 from conftest import free_port, tiny_registry  # noqa: E402
 
 CLIENTS = 10
+#: The endpoints that analyse an image (or a clip): every input after it is optional.
+ANALYSIS_ENDPOINTS = ("/analyze", "/curve", "/balance", "/export", "/compare", "/inspect", "/purity", "/animate",
+                      "/layer_flow", "/layer_maps", "/video")
 
 
 def scene(seed: int) -> np.ndarray:
@@ -104,3 +110,55 @@ def test_nan_through_the_http_api_is_refused_clearly(server):
     event = httpx.post(f"{url}gradio_api/call/analyze", content=body, headers={"Content-Type": "application/json"}).json()
     stream = httpx.get(f"{url}gradio_api/call/analyze/{event['event_id']}", timeout=60).text
     assert "event: error" in stream and "local_threshold" in stream
+
+
+def assert_optional_after_the_image(endpoints: dict) -> None:
+    """The image (or clip) is required; the label map and every later input has a default."""
+    for name in ANALYSIS_ENDPOINTS:
+        params = endpoints[name]["parameters"]
+        assert params[1]["parameter_name"] in ("image", "video") and not params[1]["parameter_has_default"], name
+        required = [p["parameter_name"] for p in params[2:] if not p["parameter_has_default"]]
+        assert not required, f"{name}: {required} have no default"
+
+
+def test_every_input_after_the_image_is_optional_with_the_pages_opening_values(server):
+    url, _, _ = server
+    endpoints = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert_optional_after_the_image(endpoints)
+    opening = opening_settings(tiny_registry().get("untrained"))
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoints["/analyze"]["parameters"]}
+    assert defaults == {"model": "untrained", "image": None, "label": None, "local_tau": opening.local_threshold,
+                        "global_tau": opening.global_threshold, "window": opening.window,
+                        "global_layer": opening.global_layer, "prop_attn": False, "official": False}
+    compare = {p["parameter_name"]: p["parameter_default"] for p in endpoints["/compare"]["parameters"]}
+    assert compare["map_b"] == "tome:match" and compare["label"] is None
+
+
+def test_defaults_reach_the_api_through_zero_gpu_wrappers(monkeypatch):
+    """``spaces.GPU`` wraps each handler with ``functools.wraps``: Gradio reads the defaults through ``__wrapped__``."""
+
+    def fake_gpu(duration):
+        def wrap(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                return fn(*args, **kwargs)
+            return wrapper
+        return wrap
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=fake_gpu))
+    handlers = Handlers(tiny_registry(), thresholds=(0.7, 1.0), with_gflops=False)
+    demo = build_demo(handlers, prerun=False)
+    analyze = next(f for f in demo.fns.values() if f.api_name == "analyze")
+    assert analyze.fn.__wrapped__ == handlers.analyze  # the wrapper is what Gradio holds
+    assert_optional_after_the_image(demo.get_api_info()["named_endpoints"])
+
+
+def test_analyze_with_only_the_model_and_the_image(server):
+    url, images, _ = server
+    readout = Client(url, verbose=False).predict("untrained", handle_file(images[2]), api_name="/analyze")[6]
+    opening = opening_settings(tiny_registry().get("untrained"))
+    assert readout["thresholds"] == {"local": opening.local_threshold, "global": opening.global_threshold}
+    assert readout["window"] == opening.window and readout["proportional_attention"] is False
+    handlers = Handlers(tiny_registry(), SessionCache(capacity=2, max_side=128), with_gflops=False)
+    direct = handlers.analyze("untrained", images[2])[6]  # in process: None = the same opening setting
+    assert {k: direct[k] for k in ("thresholds", "window", "tokens")} == {k: readout[k] for k in ("thresholds", "window", "tokens")}

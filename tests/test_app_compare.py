@@ -36,3 +36,18 @@ def test_compare_refuses_bad_requests_clearly(handlers, tmp_path, methods, map_a
     image = write(tmp_path, "scene.png", scene())
     with pytest.raises(gr.Error, match=message):
         handlers.compare("untrained", image, None, methods, map_a, "tome:8")
+
+
+def test_the_maps_open_on_tome_at_algms_gflops(handlers, tmp_path):
+    from algm_viz.app.layer_maps import LayerMapsPanel
+
+    image = write(tmp_path, "scene.png", scene(96, 144))
+    _, _, maps = handlers.compare("untrained", image, methods=["tome"])  # maps A, B: algm:0.9, tome:match
+    height, width = np.asarray(Image.open(maps)).shape[:2]
+    assert width * (64 + 46) == height * 2 * 96  # two 64×96 panels under two-line titles (enlarged for display)
+    with gr.Blocks():
+        panel = LayerMapsPanel(handlers, 6)
+    after = panel.show("untrained", image, layer=6)  # the panel's opening methods and maps, B matched
+    assert np.asarray(Image.open(after)).shape[1] == 6 * 96  # six methods (A and B among them) on the 64×96 input
+    with pytest.raises(gr.Error, match="cannot be the first"):
+        handlers.compare("untrained", image, None, ["tome"], "tome:match", "algm:0.9")

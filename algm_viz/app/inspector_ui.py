@@ -5,7 +5,8 @@ Click a point of the uploaded image, of a merge overlay or of the inspector's ow
 pixels goes to two hidden numbers, then ``/inspect`` draws the patch's CLAP window and merge group, its
 similarity maps at the CLAP and GBM layers, its attention baseline beside ALGM, and the readout.
 ``/inspect`` takes (model, image, label, τ local, τ global, window, GBM layer, proportional attention,
-x, y) with ``(x, y)`` in pixels of the model input (the frame of every picture the app returns).
+x, y) with ``(x, y)`` in pixels of the model input (the frame of every picture the app returns); every input
+after the image is optional (the page's opening setting, the point at the centre).
 ``/purity`` (the same inputs without the point) answers merge purity and error attribution for the image
 (:mod:`.purity`); ``/animate`` (the same inputs) writes the τ animation (:mod:`.animation`); ``/layer_flow`` plots
 tokens and GFLOPs per encoder layer (:mod:`.flow`).
@@ -72,14 +73,16 @@ class InspectorPanel:
             self.readout_json = gr.JSON(label="Inspector readout (JSON)", visible=False)
         self.outputs = [self.picture, self.similarity, self.attention, self.readout, self.readout_json]
 
-    def inspect(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int, prop_attn: bool, x: float | None, y: float | None):
-        """-> (outlined picture, similarity figure, attention figure, readout Markdown, readout dict)."""
+    def inspect(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+                global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+                prop_attn: bool = False, x: float | None = None, y: float | None = None):
+        """-> (outlined picture, similarity figure, attention figure, readout Markdown, readout dict). Settings of
+        None: the page's opening ones (:meth:`~.ui.Handlers.settings`); a point of None: the model input's centre."""
         if not image:
             raise gr.Error("upload an image (or pick an example) first")
-        if x is None or y is None:
-            raise gr.Error("give the point to inspect (x, y in model-input pixels)")
         session = self._session(model, image, label)
+        height, width = session.image.shape[:2]
+        x, y = (width - 1) / 2 if x is None else x, (height - 1) / 2 if y is None else y
         try:
             view = inspector.inspect(session, self.handlers.settings(local_tau, global_tau, window, global_layer, prop_attn),
                                      x, y)
@@ -89,8 +92,9 @@ class InspectorPanel:
         return (self.handlers.pictures.save(view.picture), view.similarity, view.attention,
                 inspector.readout_markdown(view.readout), view.readout)
 
-    def purity(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-               window: int, global_layer: int, prop_attn: bool):
+    def purity(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+               global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+               prop_attn: bool = False):
         """-> (map of mixed and pure merged groups, purity readout Markdown, purity summary dict)."""
         if not image:
             return None, "", None
@@ -103,8 +107,9 @@ class InspectorPanel:
             raise gr.Error(str(error)) from error
         return self.handlers.pictures.save(picture), purity_view.purity_markdown(summary), summary
 
-    def animate(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int, prop_attn: bool) -> list[str]:
+    def animate(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+                global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+                prop_attn: bool = False) -> list[str]:
         """-> paths of the τ animation (GIF, MP4 where OpenCV has the codec) over the τ curve's values."""
         if not image:
             raise gr.Error("upload an image (or pick an example) first")
@@ -117,8 +122,9 @@ class InspectorPanel:
             raise gr.Error(str(error)) from error
         return [str(path) for path in paths]
 
-    def flow(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-             window: int, global_layer: int, prop_attn: bool):
+    def flow(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+             global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+             prop_attn: bool = False):
         """-> tokens and GFLOPs per encoder layer: baseline, ALGM at the setting, ToMe ending at ALGM's tokens."""
         if not image:
             raise gr.Error("upload an image (or pick an example) first")

@@ -24,7 +24,7 @@ import numpy as np
 import PIL.Image
 
 from ..evaluation.compare import compare as compare_methods
-from ..evaluation.compare import merge_maps, parse_spec
+from ..evaluation.compare import DEFAULT_MAPS, MATCH, MATCH_STEPS, check_specs, merge_maps, parse_spec
 from ..merging import ONLINE
 from ..methods import METHODS
 from ..models import CheckpointError
@@ -36,7 +36,7 @@ from .files import PictureFiles, TempFolders, make_temp_dir, prune_uploads, remo
 from .longjobs import Budget, PriorityGate, WorkStopped, client_gone
 from .gpu import forward_budget, gpu, image_pixels
 from .inspector_ui import InspectorPanel
-from .layer_maps import LayerMapsPanel
+from .layer_maps import COMPARE_METHODS, LayerMapsPanel
 from .models import ModelEntry, ModelRegistry
 from .inputs import read_image_file, read_label_file
 from .session import LRU, ImageSession, SessionCache, Settings
@@ -71,6 +71,11 @@ HOW_TO_READ = """* **Tokens N → N′ → N″**: patches, after CLAP (layer 1)
   also the real mIoU of both. **Latency**: medians of interleaved runs, as `algm-viz bench` measures.
 * **τ curves**: one stage's τ varied with the other at its slider; the star is the current setting.
 """
+#: The compare panel's opening merge maps (also ``/compare``'s defaults): map B is ToMe with the r whose GFLOPs
+#: on the image match map A's.
+MAP_A, MAP_B = DEFAULT_MAPS
+#: The CLAP window and GBM layer the controls open on (:class:`~.session.Settings`' defaults, clipped to the model).
+OPENING_WINDOW, OPENING_GBM_LAYER = Settings.window, Settings.global_layer
 _USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImageError, WorkStopped)
 
 
@@ -127,10 +132,12 @@ class ImageInput(gr.Image):
 
 
 def opening_settings(entry: ModelEntry) -> Settings:
-    """The setting the controls open on for ``entry`` (τ rounded as the sliders show them, the 2×2 window,
-    GBM at layer 5): what the pre-run computes, so the page's first request finds it cached."""
+    """The setting the controls open on for ``entry`` (its calibrated τ rounded as the sliders show them,
+    the :data:`OPENING_WINDOW` window, GBM at :data:`OPENING_GBM_LAYER`): what the pre-run computes, so the
+    page's first request finds it cached, and the API's defaults (for the default model)."""
     auto = entry.auto_thresholds
-    return Settings(round(auto["local"], 3), round(auto["global"], 3), min(2, entry.windows()[-1]), min(5, entry.depth))
+    return Settings(round(auto["local"], 3), round(auto["global"], 3), min(OPENING_WINDOW, entry.windows()[-1]),
+                    min(OPENING_GBM_LAYER, entry.depth))
 
 
 def _file_identity(path: str) -> tuple[str, int, int] | str:
@@ -249,7 +256,7 @@ class Handlers:
     def select_window(self, model: str, window: int):
         """-> the CLAP window radio with the sides that fit the model's patch grid (``window`` kept if it fits)."""
         sides = self.registry.get(model).windows()
-        return gr.Radio(choices=sides, value=window if window in sides else min(2, sides[-1]))
+        return gr.Radio(choices=sides, value=window if window in sides else min(OPENING_WINDOW, sides[-1]))
 
     @user_errors
     def load_checkpoint(self, path: str | None, files: Sequence[str] | None, progress: gr.Progress = gr.Progress(track_tqdm=True)):
@@ -289,21 +296,33 @@ class Handlers:
         thread.start()
         return thread
 
-    def settings(self, local_tau: float, global_tau: float, window: int, global_layer: int, prop_attn: bool,
-                 official: bool = False) -> Settings:
-        """The setting of the controls; ``official``: GBM's τ is the official ALGM code's online one (the
-        global τ slider is then ignored)."""
+    def settings(self, local_tau: float | None = None, global_tau: float | None = None, window: int | None = None,
+                 global_layer: int | None = None, prop_attn: bool = False, official: bool = False) -> Settings:
+        """The setting of the controls; a value of None is the page's opening one (:meth:`opening`: the
+        default model's calibrated τ, as the API page's defaults); ``official``: GBM's τ is the official ALGM
+        code's online one (the global τ slider is then ignored)."""
         if not isinstance(official, (bool, np.bool_)):
             raise gr.Error(f"the official-τ switch must be true or false, got {str(official)[:40]!r}")
+        if None in (local_tau, global_tau, window, global_layer):
+            opening = self.opening()
+            local_tau = opening.local_threshold if local_tau is None else local_tau
+            global_tau = opening.global_threshold if global_tau is None else global_tau
+            window = opening.window if window is None else window
+            global_layer = opening.global_layer if global_layer is None else global_layer
         return Settings(local_tau, ONLINE if official else global_tau, window, global_layer, prop_attn=prop_attn)
+
+    def opening(self) -> Settings:
+        """The setting the page opens on: the default model's :func:`opening_settings`."""
+        return opening_settings(self.registry.get(self.registry.default_key()))
 
     def budget(self, request: gr.Request | None = None) -> Budget:
         """The time budget of one long request, stopping early when its client leaves."""
         return Budget(self.long_budget_s, client_gone(self.blocks, getattr(request, "session_hash", None)))
 
     @user_errors
-    def analyze(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int, prop_attn: bool = False, official: bool = False):
+    def analyze(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+                global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+                prop_attn: bool = False, official: bool = False):
         """-> (CLAP overlay, GBM overlay, (baseline, ALGM) segmentation, disagreement, legend, readout Markdown,
         readout dict, tokens in their mean colours, ground truth or None)."""
         if not image:
@@ -318,9 +337,9 @@ class Handlers:
                 save(result.mean_colors), None if result.ground_truth is None else save(result.ground_truth))
 
     @user_errors
-    def curve(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-              window: int, global_layer: int, prop_attn: bool = False, official: bool = False,
-              request: gr.Request | None = None):
+    def curve(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+              global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+              prop_attn: bool = False, official: bool = False, request: gr.Request | None = None):
         """-> (per-image τ curve figure, dataset curve figure or None)."""
         if not image:
             return None, None
@@ -328,11 +347,12 @@ class Handlers:
         with self.gate.interactive():
             session = self._session(model, image, label)
             figure, _ = analysis.curve(session, settings, self.thresholds, self.budget(request).check)
-        return figure, analysis.dataset_curve(session.entry.sweep_rows, float(local_tau))
+        return figure, analysis.dataset_curve(session.entry.sweep_rows, settings.local_threshold)
 
     @user_errors
-    def balance(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-                window: int, global_layer: int, prop_attn: bool = False, official: bool = False):
+    def balance(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+                global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+                prop_attn: bool = False, official: bool = False):
         """-> (attention-balance figure, one-line summary)."""
         if not image:
             return None, ""
@@ -353,16 +373,20 @@ class Handlers:
         unknown = [m for m in methods if not isinstance(m, str) or m not in METHODS]
         if unknown:
             raise gr.Error(f"unknown methods {str(unknown)[:80]}: choose from {', '.join(METHODS)}")
-        return [parse_spec(map_a), parse_spec(map_b)]
+        specs = [parse_spec(map_a), parse_spec(map_b)]
+        check_specs(specs)
+        return specs
 
     @user_errors
-    def compare(self, model: str, image: str | None, label: str | None, methods: Sequence[str], map_a: str, map_b: str,
-                request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
+    def compare(self, model: str, image: str | None, label: str | None = None, methods: Sequence[str] = COMPARE_METHODS,
+                map_a: str = MAP_A, map_b: str = MAP_B, request: gr.Request | None = None,
+                progress: gr.Progress = gr.Progress()):
         """Compare token reducers on one image: each method in ``methods`` (e.g. ``["algm", "tome"]``) runs at
         each value of its own knob; returns quality against GFLOPs, quality against throughput (quality =
         agreement with the unmerged model's prediction, or mIoU with a label map) and the merge maps of
-        ``map_a`` and ``map_b`` (``method:value``, e.g. ``algm:0.9``) side by side. Long comparisons stop
-        after a time budget or when the caller disconnects."""
+        ``map_a`` and ``map_b`` (``method:value``, e.g. ``algm:0.9``; map B may be ``method:match``, e.g.
+        ``tome:match``: its knob set so that its GFLOPs on the image match map A's) side by side. Long
+        comparisons stop after a time budget or when the caller disconnects."""
         specs = self.check_compare(image, methods, map_a, map_b)
         budget = self.budget(request)
         session = self._session(model, image, label)
@@ -384,9 +408,9 @@ class Handlers:
         return figures[0], figures[1], self.pictures.save(maps)
 
     @user_errors
-    def export(self, model: str, image: str | None, label: str | None, local_tau: float, global_tau: float,
-               window: int, global_layer: int, prop_attn: bool = False, official: bool = False,
-               request: gr.Request | None = None) -> list[str]:
+    def export(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
+               global_tau: float | None = None, window: int | None = None, global_layer: int | None = None,
+               prop_attn: bool = False, official: bool = False, request: gr.Request | None = None) -> list[str]:
         """Write the figures' data: readout JSON, per-image curve CSV + JSON, attention balance JSON."""
         if not image:
             raise gr.Error("nothing to export yet: upload an image first")
@@ -432,10 +456,16 @@ def _zero_gpu_wrappers(curve_points: int) -> dict[str, Callable[[Callable], Call
         "curve": lambda *_: curve_points + 1,
         "balance": lambda *_: 2,
         "export": lambda *_: curve_points + 5,
-        "compare": lambda label, methods, *_: 2 * (1 + sum(len(METHODS[m].values) for m in methods or () if m in METHODS)) + 2,
+        "compare": lambda label, methods, *maps: (2 * (1 + sum(len(METHODS[m].values) for m in methods or () if m in METHODS))
+                                                  + 2 + sum(MATCH_STEPS for spec in maps[:2] if _matches(spec))),
     }
     return {name: gpu(lambda model, image, *rest, count=count: forward_budget(count(*rest), image_pixels(image)))
             for name, count in forwards.items()}
+
+
+def _matches(spec: Any) -> bool:
+    """Whether a merge-map field asks for a GFLOPs match (``method:match``)."""
+    return isinstance(spec, str) and spec.strip().endswith(f":{MATCH}")
 
 
 def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
@@ -529,13 +559,15 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                           open=False):
             gr.Markdown("Each method over its own knob (τ, r, k, ratio, budget, keep); quality is the agreement with the "
                         "baseline prediction (or the mIoU with a label map). CTS-style sharing uses a training-free "
-                        "stand-in policy (superpatch colour homogeneity), not CTS's trained CNN.")
-            compare_methods_box = MethodChoices([(METHODS[m].label, m) for m in METHODS],
-                                                   value=["algm", "tome", "pool2d", "grid", "kv_grid", "cts"],
-                                                   label="Methods")
+                        "stand-in policy (superpatch colour homogeneity), not CTS's trained CNN. The merge maps "
+                        "open on ALGM and ToMe at ALGM's GFLOPs (`tome:match`: the r whose GFLOPs on this image "
+                        "come closest to map A's), so both spend the same compute.")
+            compare_methods_box = MethodChoices([(METHODS[m].label, m) for m in METHODS], value=list(COMPARE_METHODS),
+                                                label="Methods")
             with gr.Row(elem_classes=STACK):
-                map_a = gr.Textbox("algm:0.9", label="Merge map A (method:value)")
-                map_b = gr.Textbox("tome:8", label="Merge map B (method:value)")
+                map_a = gr.Textbox(MAP_A, label="Merge map A (method:value)")
+                map_b = gr.Textbox(MAP_B, label="Merge map B (method:value, or method:match = at map A's GFLOPs)",
+                                   info=f"{MAP_B}: ToMe at ALGM's GFLOPs")
                 compare_button = gr.Button("Compare", variant="primary", scale=0)
             with gr.Row(elem_classes=STACK):
                 pareto_gflops = gr.Plot(label="Quality against GFLOPs")

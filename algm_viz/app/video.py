@@ -122,12 +122,14 @@ class VideoPanel:
             self.summary = gr.Markdown(elem_id="video-summary")
             self.summary_json = gr.JSON(visible=False)
 
-    def analyze(self, model: str, video: str | None, local_tau: float, global_tau: float, window: int,
-                global_layer: int, prop_attn: bool, stride: float, with_baseline: bool = True,
-                zip_fps: float = ZIP_FPS, request: gr.Request | None = None,
+    def analyze(self, model: str, video: str | None, local_tau: float | None = None, global_tau: float | None = None,
+                window: int | None = None, global_layer: int | None = None, prop_attn: bool = False,
+                stride: float = 1, with_baseline: bool = True, zip_fps: float = ZIP_FPS,
+                request: gr.Request | None = None,
                 progress: gr.Progress = gr.Progress()):
-        """-> (output clip path, tokens-and-latency figure, summary Markdown, summary dict). ``video``: a video file
-        or a ``.zip`` of frames, played at ``zip_fps``."""
+        """-> (output clip path, tokens-and-latency figure, summary Markdown, summary dict). Settings of None: the
+        page's opening ones (:meth:`~.ui.Handlers.settings`); a stride of 1: every frame. ``video``: a video file or
+        a ``.zip`` of frames, played at ``zip_fps``."""
         if not video:
             raise gr.Error("upload a video or a zip of frames first")
         if (isinstance(stride, bool) or not isinstance(stride, (int, float)) or not math.isfinite(stride)

@@ -3,7 +3,8 @@
 Quality is the agreement mIoU with the baseline's prediction (or the mIoU against ``--label``), GFLOPs
 are counted exactly, throughput is the median of ``--repeats`` timed forwards (the sweep's code on a
 one-image data set). Writes JSON + CSV, an HTML page with the Pareto plots (quality against GFLOPs and
-against throughput), and a PNG with the final merge maps of two methods side by side.
+against throughput), and a PNG with the final merge maps of two methods side by side (by default ALGM at
+τ 0.9 and ToMe at ALGM's GFLOPs: ``--maps algm:0.9 tome:match``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import cv2
 import numpy as np
 
 from ..datasets import IGNORE_INDEX, read_image, read_label
-from ..evaluation.compare import compare, merge_maps, parse_spec
+from ..evaluation.compare import DEFAULT_MAPS, check_specs, compare, merge_maps, parse_spec
 from ..evaluation.sweep import available_methods, parse_taus
 from ..models.description import describe
 from ..models.loading import DEFAULT_MODEL, load_model
@@ -27,7 +28,7 @@ from ..preprocess import check_label
 log = logging.getLogger(__name__)
 
 
-def _spec_argument(text: str) -> tuple[str, float]:
+def _spec_argument(text: str) -> tuple[str, float | str]:
     try:
         return parse_spec(text)
     except ValueError as error:
@@ -35,6 +36,7 @@ def _spec_argument(text: str) -> tuple[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_specs(args.maps)  # before the model loads
     model = load_model(args.model).eval()
     image = read_image(args.image)
     label = None
@@ -71,8 +73,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated methods")
     parser.add_argument("--taus", default="0.80:0.98:0.02", help="τ values of the ALGM variants (start:stop:step or a,b,c)")
     parser.add_argument("--values", nargs="*", metavar="METHOD=V1/V2", help="knob values of other methods, e.g. tome=4/8/16")
-    parser.add_argument("--maps", nargs=2, type=_spec_argument, default=[("algm", 0.9), ("tome", 8.0)], metavar="METHOD:VALUE",
-                        help="the two methods whose merge maps are drawn side by side")
+    parser.add_argument("--maps", nargs=2, type=_spec_argument, default=[parse_spec(s) for s in DEFAULT_MAPS],
+                        metavar="METHOD:VALUE",
+                        help="the two methods whose merge maps are drawn side by side; the second may be METHOD:match, its "
+                             f"knob chosen so that its GFLOPs on the image match the first's (default: {' '.join(DEFAULT_MAPS)})")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration")
     parser.add_argument("--short-side", type=int, help="resize the image to this short side (None: the model's)")
     parser.add_argument("--out", default="compare.json", help="JSON out; .csv, .html and .png written beside it")

@@ -23,7 +23,7 @@ def project_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def attention_weights(attn: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
     """Softmax attention ``[B, heads, T, T]`` (fp32) of ``attn`` for input ``x`` ``[B, T, C]``, with the
-    additive key bias ``bias`` (broadcastable to ``[B, 1, 1, T]``, e.g. ``-inf`` on padding)."""
+    additive key bias ``bias`` (broadcastable to ``[B, 1, 1, T]``, e.g. a large negative on padding)."""
     q, k, _ = project_qkv(attn, x)
     logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
     if bias is not None:

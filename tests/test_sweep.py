@@ -14,7 +14,7 @@ import torch
 from algm_viz import algm_state, apply_algm
 from algm_viz.cli import main
 from algm_viz.datasets import open_dataset
-from algm_viz.evaluation.inference import predict_logits
+from algm_viz.evaluation.inference import predict_logits, prepare, resized_shape
 from algm_viz.evaluation.rows import SweepRow
 from algm_viz.evaluation.sweep import SweepConfig, parse_taus, sweep
 from algm_viz.models import create_segmenter, save_segmenter
@@ -305,3 +305,50 @@ def test_rows_read_back_the_shipped_sweep_exactly():
     assert SweepRow.from_dict({**rows[0], "new_key": 1}).to_dict()["new_key"] == 1, "unknown keys survive"
     row = SweepRow.from_dict(rows[0])
     assert row.method == "baseline" and row.tokens["patches"] > 0
+
+
+def test_confusions_from_labels_equal_the_resized_logits_formula(data, monkeypatch):
+    """Resized inputs (short side 40 against labels of 48-64 rows), batches of two: the sweep's label path
+    (:func:`resized_argmax`, never the label-size logits) scores exactly as arg-max of the logits resized with
+    ``F.interpolate``, per image and pooled, baseline and ALGM alike; the label-size logits are never made."""
+    import torch.nn.functional as F
+
+    model = _model()
+    config = SweepConfig(taus=[0.5], methods=["baseline", "algm"], warmup=0, bootstrap=0, short_side=40, batch_size=2)
+    resizes: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()  # (from, to) of every F.interpolate
+    interpolate = F.interpolate
+    monkeypatch.setattr(F, "interpolate",
+                        lambda x, *a, **k: resizes.add((tuple(x.shape[-2:]), tuple(k.get("size") or a[0]))) or interpolate(x, *a, **k))
+    rows = sweep(model, data, config, progress=False)
+    monkeypatch.undo()
+    label_sizes = {tuple(data[i][1].shape) for i in range(len(data))}
+    input_sizes = {resized_shape(*size, 40) for size in label_sizes}
+    assert not {(a, b) for a in input_sizes for b in label_sizes} & resizes, "logits were resized to the label size"
+    for row in rows:
+        sweep_module.configure_method(model, row["method"], row["value"], config)
+        expected = np.zeros((3, 3), np.int64)
+        for i in range(len(data)):
+            image, label = data[i]
+            with torch.inference_mode():
+                logits = model(prepare(model, image, 40))
+            assert logits.shape[-2:] != label.shape, "the test must exercise the resize"
+            pred = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+            keep = label != 255
+            np.add.at(expected, (label[keep].astype(int), pred[keep]), 1)
+        assert np.array_equal(np.array(row["confusion"]), expected), row["method"]
+
+
+@pytest.mark.parametrize("shape,size", [((2, 5, 7, 9), (30, 41)), ((3, 4, 6), (5, 4)), ((1, 3, 20, 20), (20, 20))])
+def test_resized_argmax_is_argmax_of_interpolate_batched(shape, size):
+    import torch.nn.functional as F
+
+    from algm_viz.evaluation.inference import resized_argmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(*shape)
+    batched = logits if logits.dim() == 4 else logits[None]
+    expected = F.interpolate(batched, size=size, mode="bilinear", align_corners=False).argmax(1)
+    for tile_elements in (1, 1 << 20):
+        labels = resized_argmax(logits, size, tile_elements)
+        assert labels.shape == (*shape[:-3], *size) and labels.dtype == torch.long
+        assert torch.equal(labels if logits.dim() == 4 else labels[None], expected)

@@ -7,6 +7,7 @@ window of the training crop size. The sweep defaults to the whole image at the m
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import ContextManager
 
@@ -20,7 +21,7 @@ from ..models.description import describe
 from ..patch import merging_disabled
 from ..preprocess import normalize
 
-__all__ = ["DTYPES", "autocast", "prepare", "prepare_labelled", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "sliding_window_logits",
+__all__ = ["DTYPES", "autocast", "prepare", "prepare_labelled", "predict_logits", "predict_labels", "resize_matrix", "upsampled_argmax", "resized_argmax", "sliding_window_logits",
            "default_short_side", "merging_disabled", "resized_shape"]
 
 #: Command-line names of the precisions the tools run in.
@@ -140,20 +141,58 @@ def resize_matrix(length_in: int, length_out: int, device: torch.device | str = 
     return F.interpolate(basis, size=(length_out, 1), mode="bilinear", align_corners=False)[0, :, :, 0].T
 
 
-def upsampled_argmax(logits: Tensor, rows: Tensor, cols: Tensor, tile_elements: int = TILE_ELEMENTS) -> Tensor:
-    """Class ids ``[H, W]`` of ``rows @ logits @ cols.T`` per class, without the ``[K, H, W]`` tensor.
+def _taps(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``[out, in]`` matrix with few nonzeros a row -> ``(index, weight)`` ``[n, out]``: each row's nonzero
+    columns in ascending order and their weights, ``n`` the most in any row (shorter rows padded with their first
+    column and weight 0, so that a tap never reaches outside the row's band)."""
+    nonzero = matrix != 0
+    count = max(1, int(nonzero.sum(1).max()))
+    index = torch.argsort((~nonzero).to(torch.uint8), dim=1, stable=True)[:, :count]
+    weight = matrix.gather(1, index)
+    index = torch.where(weight != 0, index, index[:, :1])
+    return index.T.contiguous(), weight.T.contiguous()
 
-    ``logits`` ``[K, h, w]``; ``rows`` ``[H, h]`` and ``cols`` ``[W, w]`` are (compositions of)
-    :func:`resize_matrix` and crops, so the product is a separable bilinear resize. Output rows are done
-    a tile at a time, each tile at most ``tile_elements`` floats.
+
+def upsampled_argmax(logits: Tensor, rows: Tensor, cols: Tensor, tile_elements: int = TILE_ELEMENTS) -> Tensor:
+    """Class ids ``[*, H, W]`` of ``rows @ logits @ cols.T`` per class, without the ``[*, K, H, W]`` tensor.
+
+    ``logits`` ``[*, K, h, w]`` (any leading batch dimensions); ``rows`` ``[H, h]`` and ``cols`` ``[W, w]`` are
+    (compositions of) :func:`resize_matrix` and crops, so the product is a separable bilinear resize and each
+    row of a matrix has a few nonzeros: they are applied as taps (gathers), width first as ``F.interpolate``
+    does, at the cost of the resize itself. Output rows are done a tile at a time, each tile (and the band of
+    input rows it reads, resized to width ``W``) about ``tile_elements`` floats.
     """
-    classes, width = logits.shape[0], cols.shape[0]
-    tile = max(1, tile_elements // (classes * width))
-    narrow = torch.einsum("kyx,Xx->kyX", logits.float(), cols)  # [K, h, W]: small, h is the token grid
-    labels = torch.empty(rows.shape[0], width, dtype=torch.long, device=logits.device)
-    for start in range(0, rows.shape[0], tile):
-        labels[start : start + tile] = torch.einsum("ry,kyX->krX", rows[start : start + tile], narrow).argmax(0)
+    logits = logits.float()
+    height, width = rows.shape[0], cols.shape[0]
+    row_index, row_weight = _taps(rows)
+    col_index, col_weight = _taps(cols)
+    per_row = logits[..., :1, :1].numel() * width  # floats of one output row: [*, K, 1, W]
+    tile = max(1, tile_elements // (per_row * max(1, math.ceil(logits.shape[-2] / height))))
+    labels = torch.empty(*logits.shape[:-3], height, width, dtype=torch.long, device=logits.device)
+    for start in range(0, height, tile):
+        index, weight = row_index[:, start : start + tile], row_weight[:, start : start + tile]
+        low, high = int(index.min()), int(index.max()) + 1
+        band = _apply_taps(logits[..., low:high, :], col_index, col_weight, -1)  # [*, K, band, W]
+        labels[..., start : start + tile, :] = _apply_taps(band, index - low, weight[..., None], -2).argmax(-3)
     return labels
+
+
+def _apply_taps(x: Tensor, index: Tensor, weight: Tensor, dim: int) -> Tensor:
+    """``sum_j weight[j] * x.index_select(dim, index[j])``: ``index`` ``[n, out]``, ``weight`` ``[n, out]``
+    (``[n, out, 1]`` for ``dim=-2``) broadcast against ``x``'s trailing dimensions."""
+    out = x.index_select(dim, index[0]) * weight[0]
+    for tap_index, tap_weight in zip(index[1:], weight[1:]):
+        out.addcmul_(x.index_select(dim, tap_index), tap_weight)
+    return out
+
+
+def resized_argmax(logits: Tensor, size: tuple[int, int], tile_elements: int = TILE_ELEMENTS) -> Tensor:
+    """Class ids ``[*, H, W]`` of ``F.interpolate(logits, size, mode="bilinear").argmax(-3)`` for ``logits``
+    ``[*, K, h, w]`` and ``size = (H, W)``, without the ``[*, K, H, W]`` resized logits (:func:`upsampled_argmax`)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits.argmax(-3)
+    rows, cols = (resize_matrix(n, m, logits.device) for n, m in zip(logits.shape[-2:], size))
+    return upsampled_argmax(logits, rows, cols, tile_elements)
 
 
 def _crop_matrix(length_in: int, length_out: int, device: torch.device | str) -> Tensor:

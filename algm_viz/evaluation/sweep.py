@@ -2,8 +2,10 @@
 
 Evaluation is single-scale on the whole image: each image is resized so that its short side is
 ``short_side`` (default: the model's ``info.short_side``, else kept), normalised with the model's
-statistics, and the logits are resized back to the label size. Batches hold consecutive images of one
-size (a size change starts a new batch), so no padding tokens take part in merging.
+statistics, and the predicted labels are the arg-max of the logits resized bilinearly to the label size,
+computed in tiles without the label-size logits (:func:`~.inference.resized_argmax`). Batches hold
+consecutive images of one size (a size change starts a new batch), so no padding tokens take part in
+merging.
 
 Under ``torchrun`` every process evaluates every ``world_size``-th image; confusion matrices and token
 sums are summed exactly over processes.
@@ -25,7 +27,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -35,7 +36,7 @@ from ..timing import rate_summary, timed
 from .. import methods as engine_methods
 from ..patch import ONLINE, algm_state, find_vit, merging_restored, remove_algm
 from .distributed import Context, all_gather_objects, all_reduce_sum
-from .inference import autocast, default_short_side, prepare
+from .inference import autocast, default_short_side, prepare, resized_argmax
 from .metrics import confusion_matrices, miou, paired_bootstrap
 from .rows import SweepRow
 
@@ -322,9 +323,8 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
         if flops[1] < flops_limit:
             with autocast(images.device, config.dtype):
                 flops += torch.tensor([count_gflops(model, images), images.shape[0]], dtype=torch.float64)
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        per_image.append(confusion_matrices(logits.argmax(1), labels, num_classes, IGNORE_INDEX).cpu())
+        predicted = resized_argmax(logits, labels.shape[-2:])  # never the label-size [B, K, H, W] logits
+        per_image.append(confusion_matrices(predicted, labels, num_classes, IGNORE_INDEX).cpu())
         if progress_log is not None:
             progress_log.update(images.shape[0], description)
     local = torch.cat(per_image) if per_image else torch.zeros(0, num_classes, num_classes, dtype=torch.long)

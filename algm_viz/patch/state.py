@@ -12,7 +12,14 @@ from ..merging import Merge
 from .record import MergeRecord
 from .stages import ALGMConfig, MergeStage, PlanContext, SharePolicy
 
-__all__ = ["ALGMState"]
+__all__ = ["ALGMState", "MASKED_BIAS"]
+
+#: Additive attention bias of a padded key: finite in float16, bfloat16 and float32 alike, so that no mask turns a
+#: row into NaN (``-inf - -inf``) and a kernel that casts the bias to the query's dtype (autocast runs SDPA in
+#: float16) keeps it finite. A quarter of float16's lowest value (-16376, -16384 in bfloat16) leaves headroom:
+#: added to a score or to a second such bias it stays above -65504, and ``exp`` of it is exactly 0 in every dtype,
+#: so padded keys take no attention weight as long as real scores differ by less than 16 000.
+MASKED_BIAS = torch.finfo(torch.float16).min / 4
 
 
 class ALGMState:
@@ -111,11 +118,11 @@ class ALGMState:
                 v = torch.cat([v[:, :, :prefix], merged[:, heads:]], dim=2)
                 size = torch.cat([size[:, :prefix], patch_size], dim=1)
             self.record.kv_stages.append((stage.name, stage.layer, merge))
-        bias = size[..., 0].clamp_min(1).log().masked_fill(size[..., 0] <= 0, float("-inf"))
+        bias = size[..., 0].clamp_min(1).log().masked_fill(size[..., 0] <= 0, MASKED_BIAS)
         return k, v, bias.to(k.dtype)[:, None, None, :]
 
     def key_bias(self, size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        """``[B, 1, 1, T]`` additive key bias: ``log(size)`` if ``prop_attn``, ``-inf`` on padding."""
+        """``[B, 1, 1, T]`` additive key bias: ``log(size)`` if ``prop_attn``, :data:`MASKED_BIAS` on padding."""
         if size is None:
             return None
         size = size[..., 0]
@@ -125,7 +132,7 @@ class ALGMState:
             return None
         bias = size.clamp_min(1).log() if self.prop_attn else torch.zeros_like(size)
         if has_padding:
-            bias = bias.masked_fill(padded, float("-inf"))
+            bias = bias.masked_fill(padded, MASKED_BIAS)
         return bias.to(dtype)[:, None, None, :]
 
     def unmerge(self, tokens: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ def _attention_with_keys(attn: nn.Module, x: Tensor, bias: Tensor | None, state:
     q, k, v = project_qkv(attn, x)
     keys = k.mean(1)
     if state.stages_at(layer, kv_only=True):
-        # The merged keys' bias (log size, -inf on padding) replaces the token-level one.
+        # The merged keys' bias (log size, MASKED_BIAS on padding) replaces the token-level one.
         k, v, bias = state.merge_keys_values(layer, x, keys, k, v)
     out = attn.norm(attend(attn, q, k, v, bias).transpose(1, 2).reshape(batch, tokens, -1))
     if gate is not None:

@@ -114,11 +114,12 @@ def image_tau_figure(local_rows: Sequence[Row], global_rows: Sequence[Row], curr
     return figure
 
 
-def delta_figure(rows: Sequence[Row], current: float | None = None, title: str = "Data set: ΔmIoU and speed-up against τ") -> go.Figure:
+def delta_figure(rows: Sequence[Row], current: float | None = None, title: str = "Data set: ΔmIoU and speed-up against τ",
+                 subtitle: str | None = None) -> go.Figure:
     """Sweep rows as ΔmIoU (points against the baseline; error bars: the paired bootstrap interval where
     the rows have one) over speed-up (× the baseline's images/s), both against τ, one colour per τ method,
     plain method names in the legend; ``current`` τ as a vertical line (named in the legend, not written
-    over the curves)."""
+    over the curves); ``subtitle``: a second, smaller title line."""
     base = next((r for r in rows if r["method"] == "baseline"), None)
     if base is None:
         raise ValueError("delta_figure needs the baseline row")
@@ -146,7 +147,8 @@ def delta_figure(rows: Sequence[Row], current: float | None = None, title: str =
     figure.update_yaxes(title_text="ΔmIoU (points)", row=1, col=1)
     figure.update_yaxes(title_text="speed-up (×)", row=2, col=1)
     figure.update_xaxes(title_text="similarity threshold τ", row=2, col=1)
-    figure.update_layout(title=f"{title} (baseline mIoU {base['miou']:.1f} %)", hovermode="x unified",
+    second_line = f"<br><sup>{subtitle}</sup>" if subtitle else ""
+    figure.update_layout(title=f"{title} (baseline mIoU {base['miou']:.1f} %){second_line}", hovermode="x unified",
                          legend={"orientation": "h", "y": -0.2})
     return figure
 

@@ -156,13 +156,14 @@ def curve(session: ImageSession, settings: Settings, thresholds: Sequence[float]
     return figure, rows
 
 
-def dataset_curve(rows: Sequence[dict[str, Any]] | None, current: float) -> go.Figure | None:
+def dataset_curve(rows: Sequence[dict[str, Any]] | None, current: float, source: str | None = None) -> go.Figure | None:
     """The dataset-level τ curve a model ships (``sweep.json``: the same τ for both stages) as ΔmIoU against
-    the baseline and speed-up, ``current`` τ marked; None without one."""
+    the baseline and speed-up, ``current`` τ marked, titled with what it was measured on (``source``, e.g.
+    ``"camvid val, 101 images"``); None without one."""
     if not rows or not any(r["method"] == "baseline" for r in rows):
         return None
-    return delta_figure(rows, current, title="Data set (the model's sweep, same τ for both stages): "
-                                             "ΔmIoU and speed-up against τ")
+    return delta_figure(rows, current, title="Data set (the model's sweep, same τ for both stages): ΔmIoU and speed-up against τ",
+                        subtitle=f"measured on {source}" if source else None)
 
 
 def balance(session: ImageSession, settings: Settings) -> tuple[go.Figure, str, dict[str, Any]]:

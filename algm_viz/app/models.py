@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ class ModelEntry:
         auto_thresholds: ``{"local", "global"}`` τ used when the user asks for "auto" (the model's
             calibrated μ+σ, else the authors' defaults for its width).
         sweep_rows: dataset-level τ curve rows shipped with the model (``sweep.json``), or None.
+        sweep_source: what those rows were measured on, for the curve's title (e.g. "camvid val, 101 images"), or None.
         lock: held by whoever runs the model: ALGM's state lives on the model.
     """
 
@@ -88,6 +89,7 @@ class ModelEntry:
     short_side: int
     auto_thresholds: dict[str, float]
     sweep_rows: list[dict[str, Any]] | None = None
+    sweep_source: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     dtype: torch.dtype | None = None  # forwards under autocast in this precision; None = float32
 
@@ -138,19 +140,36 @@ def _is_bundled(name: str) -> bool:
         return False
 
 
-def _read_sweep(folder: Path) -> list[dict[str, Any]] | None:
-    """Dataset-level τ curve rows in ``folder/sweep.json``: the sweep command's output (a dict with
-    ``rows``) or a bare list of rows. None when absent or unreadable."""
+def _read_sweep(folder: Path, training: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """``(rows, source)`` of the dataset-level τ curve in ``folder/sweep.json`` (the sweep command's output, a
+    dict with ``rows``, or a bare list of rows; ``(None, None)`` when absent or unreadable). ``source`` names the
+    data set, split and image count where the file says them, and warns when the split is one the model was
+    trained on (``training``: the model card's ``training`` fields, ``train_split`` e.g. ``"train+val"``)."""
     path = folder / "sweep.json"
     if not path.is_file():
-        return None
+        return None, None
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         logger.warning("ignoring %s: not valid JSON", path)
-        return None
+        return None, None
     rows = data.get("rows") if isinstance(data, dict) else data
-    return rows if isinstance(rows, list) and rows else None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+        return None, None
+    return rows, _sweep_source(data if isinstance(data, dict) else {}, rows, training or {})
+
+
+def _sweep_source(data: Mapping[str, Any], rows: list[dict[str, Any]], training: Mapping[str, Any]) -> str | None:
+    """The text naming what a sweep measured: "camvid val, 101 images (images the model was trained on)"."""
+    dataset, split = data.get("dataset"), data.get("split")
+    if not isinstance(split, str):
+        return None
+    images = next((r.get("images") for r in rows if r.get("method") == "baseline"), None)
+    text = " ".join(str(part) for part in (dataset, split) if part) + (f", {images} images" if isinstance(images, int) else "")
+    trained_on = training.get("train_split")
+    if isinstance(trained_on, str) and set(split.split("+")) <= set(trained_on.split("+")):
+        text += " (images the model was trained on: the curve shows what merging costs, not held-out quality)"
+    return text
 
 
 class ModelRegistry:
@@ -288,10 +307,12 @@ class ModelRegistry:
                 raise
             raise CheckpointError(f"the bundled model {name!r} is not part of this installation") from error
         folder = bundled_dir(name) if kind == "bundled" else Path(name).expanduser() if kind == "path" else None
-        rows = _read_sweep(folder if folder.is_dir() else folder.parent) if folder is not None else None
-        return self._entry(key, _label(key, model.info), model, sweep_rows=rows)
+        rows, source = (_read_sweep(folder if folder.is_dir() else folder.parent, model.info.card.get("training"))
+                        if folder is not None else (None, None))
+        return self._entry(key, _label(key, model.info), model, sweep_rows=rows, sweep_source=source)
 
-    def _entry(self, key: str, label: str, model: Segmenter, *, sweep_rows: list[dict[str, Any]] | None = None) -> ModelEntry:
+    def _entry(self, key: str, label: str, model: Segmenter, *, sweep_rows: list[dict[str, Any]] | None = None,
+               sweep_source: str | None = None) -> ModelEntry:
         model = model.to(self.device).eval()
         info = model.info
         colors = info.colors if info.colors is not None else group_colors(np.arange(info.num_classes))
@@ -301,7 +322,7 @@ class ModelRegistry:
                 model(torch.zeros(1, 3, short_side, short_side, device=self.device))
         logger.info("loaded %s on %s", label, self.device)
         return ModelEntry(key, label, model, np.asarray(colors, dtype=np.uint8).reshape(-1, 3), short_side,
-                          default_thresholds(model), sweep_rows)
+                          default_thresholds(model), sweep_rows, sweep_source)
 
 
 def _label(key: str, info: ModelInfo) -> str:

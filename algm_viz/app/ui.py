@@ -223,7 +223,7 @@ class Handlers:
             gr.Slider(minimum=tau_min, maximum=1.0, value=opening.global_threshold),
             gr.Slider(minimum=1, maximum=entry.depth, value=opening.global_layer),
             text,
-            gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), visible=entry.sweep_rows is not None),
+            gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"], entry.sweep_source), visible=entry.sweep_rows is not None),
         )
 
     def fit_label(self, image: str | None, label: str | None) -> str | None:
@@ -347,7 +347,7 @@ class Handlers:
         with self.gate.interactive():
             session = self._session(model, image, label)
             figure, _ = analysis.curve(session, settings, self.thresholds, self.budget(request).check)
-        return figure, analysis.dataset_curve(session.entry.sweep_rows, settings.local_threshold)
+        return figure, analysis.dataset_curve(session.entry.sweep_rows, settings.local_threshold, session.entry.sweep_source)
 
     @user_errors
     def balance(self, model: str, image: str | None, label: str | None = None, local_tau: float | None = None,
@@ -551,7 +551,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                     elem_id="ground-truth", **panel)
         inspector_panel = InspectorPanel(handlers, PANEL_HEIGHT)
         curve_plot = gr.Plot(label="This image: τ curve", elem_id="curve-plot")
-        dataset_plot = gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"]), label="Data set: τ curve",
+        dataset_plot = gr.Plot(analysis.dataset_curve(entry.sweep_rows, auto["local"], entry.sweep_source), label="Data set: τ curve",
                                visible=entry.sweep_rows is not None)
         balance_plot = gr.Plot(label="Attention balance per predicted class (paper Sec. 5.4)")
         balance_summary = gr.Markdown()

@@ -28,8 +28,8 @@ from algm_viz.app.session import SessionCache
 from algm_viz.app.ui import Handlers
 from algm_viz.models import CheckpointError, create_segmenter, load_segmenter, save_segmenter
 from algm_viz.models import checkpoint as checkpoint_module
-from algm_viz.models.variant import (EXCERPT_CHARS, MAX_VARIANT_BYTES, NetSpec, VariantLoader, estimate_activation_bytes,
-                                     estimate_parameters)
+from algm_viz.models.variant import (EXCERPT_CHARS, MAX_VARIANT_BYTES, NetSpec, VariantLoader, check_budget,
+                                     estimate_activation_bytes, estimate_parameters)
 
 REPO = Path(__file__).resolve().parents[1]
 NET = {"backbone": "vit_tiny_patch16_384", "d_model": 32, "n_heads": 2, "n_layers": 2, "patch_size": 16,
@@ -381,3 +381,25 @@ def test_refused_keys_leave_no_state_behind():
         with pytest.raises(ValueError):
             registry.get(f"path:/nowhere/{i}")
     assert registry._key_locks == {} and registry.loaded() == []
+
+
+def test_the_activation_budget_holds_at_the_size_the_app_runs(tmp_path):
+    """A variant may state a small image_size (64 here) while the app runs every model at its own input size
+    (short side 512, long side up to 1024): 1024 classes there are 4 GiB of logits."""
+    folder = _tiny_checkpoint(tmp_path / "model", n_cls=1024)
+    assert load_segmenter(folder).num_classes == 1024, "the library estimates at the variant's image_size"
+    tiny = dict(depth=2, embed_dim=32, num_heads=2)
+    registry = ModelRegistry(device="cpu", include_bundled=False, untrained=tiny)
+    with pytest.raises(CheckpointError, match="GiB of activations at 512×1024"):
+        registry.get(registry.add_folder(folder))
+    small = ModelRegistry(device="cpu", default_short_side=64, max_input_side=128, include_bundled=False, untrained=tiny)
+    assert small.get(small.add_folder(folder)).model.num_classes == 1024
+
+
+@pytest.mark.parametrize("net", [
+    {"backbone": "vit_large_patch16_384", "d_model": 1024, "n_heads": 16, "n_layers": 24, "image_size": 640},
+    {"backbone": "vit_base_patch16_384", "d_model": 768, "n_heads": 12, "n_layers": 12, "image_size": 512},
+])
+def test_official_sizes_pass_the_budget_at_the_size_the_app_runs(net):
+    spec = NetSpec.from_net_kwargs({**NET, **net, "n_cls": 150, "decoder": {"name": "mask_transformer", "n_layers": 2}})
+    check_budget(spec, ModelRegistry(device="cpu", include_bundled=False).limits)

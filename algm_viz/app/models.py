@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
@@ -186,7 +186,10 @@ class ModelRegistry:
             :func:`server_paths_allowed`); uploaded ones (:meth:`add_folder`) always load.
         max_models, max_model_bytes: loaded models kept at once, and their parameter memory; beyond
             either, the least recently used ones (never the default model) are dropped.
-        limits: what a ``variant.yml`` may describe (:class:`~algm_viz.models.variant.ModelLimits`).
+        limits: what a ``variant.yml`` may describe (:class:`~algm_viz.models.variant.ModelLimits`); where
+            they state no ``run_size``, it is ``(default_short_side, max_input_side)``: the activation budget
+            holds at the largest input the app runs an uploaded model at, whatever its ``image_size`` says.
+        max_input_side: long side of the largest input the app runs (the sessions' ``max_side``).
         max_checkpoint_bytes: largest ``checkpoint.pth`` read from an upload or a server-side folder.
     """
 
@@ -194,7 +197,7 @@ class ModelRegistry:
                  untrained: dict[str, Any] | None = None, include_bundled: bool = True,
                  allow_paths: bool | None = None, max_models: int = 4, max_model_bytes: int = 3 * 2**30,
                  limits: ModelLimits = DEFAULT_LIMITS, max_checkpoint_bytes: int = MAX_UPLOAD_BYTES,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, max_input_side: int = 1024) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {max_models}")
         self.device = torch.device(device) if device is not None else default_device()
@@ -204,7 +207,7 @@ class ModelRegistry:
         self.allow_paths = "SPACE_ID" not in os.environ if allow_paths is None else allow_paths
         self.max_models = max_models
         self.max_model_bytes = max_model_bytes
-        self.limits = limits
+        self.limits = limits if limits.run_size is not None else replace(limits, run_size=(default_short_side, max_input_side))
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.dtype = dtype
         self._added: set[str] = set()

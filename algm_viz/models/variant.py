@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -140,8 +140,9 @@ class ModelLimits:
     """Bounds on what a ``variant.yml`` may ask for (inclusive ranges) and the memory budget.
 
     The defaults admit every official Segmenter (ViT-Ti … ViT-L at 640 px, 150 classes) with room to spare.
-    ``max_activation_bytes`` is the estimated peak of one forward pass of one image at the variant's
-    ``image_size`` (float32).
+    ``max_activation_bytes`` is the estimated peak of one forward pass of one image (float32) at the variant's
+    ``image_size``, or at ``run_size`` (H, W) where that is larger: the largest input a server runs any model
+    at (the app resizes every image to its own input size, whatever the variant's ``image_size`` says).
     """
 
     depth: tuple[int, int] = (1, 48)
@@ -154,6 +155,7 @@ class ModelLimits:
     max_mlp_ratio: float = 8.0
     max_parameters: int = 400_000_000
     max_activation_bytes: int = 2 * 2**30
+    run_size: tuple[int, int] | None = None
 
 
 DEFAULT_LIMITS = ModelLimits()
@@ -314,10 +316,14 @@ def estimate_activation_bytes(spec: NetSpec) -> int:
 
 
 def check_budget(spec: NetSpec, limits: ModelLimits = DEFAULT_LIMITS) -> None:
-    """Refuse ``spec`` when its estimated parameters or activation memory exceed ``limits``."""
-    parameters, activations = estimate_parameters(spec), estimate_activation_bytes(spec)
+    """Refuse ``spec`` when its estimated parameters or activation memory (at the larger of its
+    ``image_size`` and ``limits.run_size``) exceed ``limits``."""
+    run = spec.image_size
+    if limits.run_size is not None and limits.run_size[0] * limits.run_size[1] > run[0] * run[1]:
+        run = limits.run_size
+    parameters, activations = estimate_parameters(spec), estimate_activation_bytes(replace(spec, image_size=run))
     if parameters > limits.max_parameters or activations > limits.max_activation_bytes:
-        height, width = spec.image_size
+        height, width = run
         raise CheckpointError(
             f"variant.yml describes a network too large for this server: about {parameters / 1e6:,.0f} M "
             f"parameters (limit {limits.max_parameters / 1e6:,.0f} M) and {activations / 2**30:,.2f} GiB of "

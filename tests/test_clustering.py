@@ -240,7 +240,7 @@ def test_methods_are_registered_and_their_merge_maps_render():
     image = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
     image[:, 48:] = (20, 200, 40)  # a flat right half: clusters there merge several patches
     maps = merge_maps(model, image, [("expedite", 0.25), ("ailurus", 0.25)])
-    assert maps.shape == (28 + 64, 2 * 96, 3)
-    for panel in (maps[28:, :96], maps[28:, 96:]):
+    assert maps.shape == (46 + 64, 2 * 96, 3)  # two title lines
+    for panel in (maps[46:, :96], maps[46:, 96:]):
         assert (panel != image).any(axis=-1).mean() > 0.2  # merged clusters are painted
     assert algm_state(model) is None

@@ -22,6 +22,7 @@ from ..attention import attention_weights
 from ..capture import ATTENTION_INPUT, block_tokens
 from ..datasets import IGNORE_INDEX
 from ..patch import ALGMConfig, algm_state, find_vit
+from ..patch.state import MASKED_BIAS
 from .inference import merging_disabled, prepare, prepare_labelled
 from .tokens import merge_before_layer, patch_class_counts, token_class_counts, token_classes
 
@@ -43,7 +44,7 @@ def _key_mass(attn: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
     weights = attention_weights(attn, x, bias).mean(1)  # [B, T, T]
     if bias is None:
         return weights.mean(1)
-    real_queries = torch.isfinite(bias.float()).reshape(x.shape[0], x.shape[1]).to(weights.dtype)  # [B, T]
+    real_queries = (bias.float() > MASKED_BIAS / 2).reshape(x.shape[0], x.shape[1]).to(weights.dtype)  # [B, T]: not padding
     return (weights * real_queries[..., None]).sum(1) / real_queries.sum(1, keepdim=True).clamp_min(1)
 
 

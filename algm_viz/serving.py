@@ -16,6 +16,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
+#: A page expression: the view's pictures (merge maps, superpixels, both sides of the segmentation) are on screen.
+VIEW_PICTURES_SHOWN = ("['#local-overlay img', '#global-overlay img', '#mean-colors img', '#segmentation img']"
+                       ".every(s => [...document.querySelectorAll(s)].some(i => i.complete && i.naturalWidth > 0))")
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""

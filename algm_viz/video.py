@@ -3,8 +3,7 @@ temporal stability of merge groups and predictions, and the rendered output clip
 
 Frames are read from a video file with OpenCV (``cv2.VideoCapture``: whatever its FFmpeg reads, e.g. mp4, webm,
 avi) or from a ``.zip`` of image frames (:mod:`.frame_zip`: in memory, natural order, bounded), both by
-:func:`read_clip`, and written as WebM/VP8 where OpenCV's writer has it (Chromium and Firefox play it), else
-MP4/``mp4v``.
+:func:`read_clip`, and written as H.264 MP4 with PyAV (every current browser plays it), else VP8 WebM.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from . import render
-from .animation import caption_frame, write_clip
+from .animation import CODECS, caption_frame, write_clip
 from .frame_zip import ZIP_FPS, ZipFramesError, ZipLimits, is_zip, list_frames, read_frames
 from .evaluation.inference import default_short_side, prepare, resized_shape
 from .patch import algm_state, apply_algm, group_map, merging_restored, remove_algm
@@ -29,11 +28,6 @@ from .timing import timed
 
 __all__ = ["VideoError", "VideoLimits", "VideoInfo", "Clip", "FrameResult", "probe", "read_clip", "analyze_frames",
            "group_changes", "class_changes", "stability", "render_frame", "write_video", "CODECS"]
-
-
-#: ``(fourcc, suffix)`` tried in order by :func:`write_video`: VP8 WebM plays in Chromium and Firefox; ``mp4v``
-#: (MPEG-4 part 2, which browsers do not play) is the fallback. OpenCV's pip wheels have no H.264 encoder.
-CODECS = (("VP80", ".webm"), ("mp4v", ".mp4"))
 
 
 class VideoError(ValueError):
@@ -316,10 +310,11 @@ def render_frame(result: FrameResult, colors: Sequence[Sequence[int]] | np.ndarr
 
 
 def write_video(frames: Sequence[np.ndarray], stem: str | Path, fps: float) -> Path:
-    """``[H, W, 3]`` uint8 RGB frames of one shape -> ``<stem>.webm`` (VP8), or ``<stem>.mp4`` (``mp4v``) where
-    OpenCV has no VP8 writer (see :data:`CODECS`); odd sides are padded. ``OSError`` if no codec works."""
-    for fourcc, suffix in CODECS:
-        path = write_clip(frames, Path(stem).with_suffix(suffix), fps, fourcc)
+    """``[H, W, 3]`` uint8 RGB frames of one shape -> ``<stem>.mp4`` (H.264), or ``<stem>.webm`` (VP8) where
+    FFmpeg has no H.264 encoder (see :data:`~.animation.CODECS`); odd sides are padded. ``OSError`` if neither
+    encoder exists."""
+    for codec in CODECS:
+        path = write_clip(frames, Path(stem).with_suffix(codec.suffix), fps, codec)
         if path is not None:
             return path
-    raise OSError(f"OpenCV has none of the video codecs {[c for c, _ in CODECS]}: no video written")
+    raise OSError(f"FFmpeg has none of the video encoders {[c.encoder for c in CODECS]}: no video written")

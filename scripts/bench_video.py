@@ -5,7 +5,9 @@ A zip of ``--frames`` consecutive CamVid val frames (sequence 0016E5, 480×360; 
 panel runs: :func:`~algm_viz.video.read_clip` (zip read and decode), :func:`~algm_viz.video.analyze_frames`
 (baseline and ALGM forwards at the calibrated τ, or ALGM only), :func:`~algm_viz.video.render_frame` (drawing)
 and :func:`~algm_viz.video.write_video` (encoding), on the bundled model, each stage timed. The two runs (with and
-without the baseline) alternate ``--repeats`` times; medians are reported. Prints one JSON document.
+without the baseline) alternate ``--repeats`` times; medians are reported. Each run also encodes the same frames
+with OpenCV's VP8 writer (what the app used before PyAV; not in the total), for the encoders' ratio measured side
+by side. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ from algm_viz.scenes import street_scene
 from algm_viz.video import analyze_frames, read_clip, render_frame, write_video
 
 STAGES = ("read", "forwards", "draw", "encode")
+
+
+def encode_opencv_vp8(frames: list, path: Path, fps: float) -> None:
+    """``[H, W, 3]`` uint8 RGB frames (even sides) -> VP8 WebM by OpenCV's writer, the reference encoder."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), fps, (width, height))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
 
 
 def write_frame_zip(path: Path, frames: int, data: Path) -> str:
@@ -58,6 +69,10 @@ def run_once(model: torch.nn.Module, clip_path: Path, out: Path, baseline: bool)
     write_video(drawn, out / ("with" if baseline else "without"), clip.output_fps)
     seconds["encode"] = time.perf_counter() - start
     seconds["total"] = sum(seconds[stage] for stage in STAGES)
+    start = time.perf_counter()
+    encode_opencv_vp8([frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2] for frame in drawn],
+                      out / "opencv.webm", clip.output_fps)
+    seconds["encode_opencv_vp8"] = time.perf_counter() - start
     return seconds
 
 
@@ -82,7 +97,7 @@ def main() -> None:
     report = {"model": model.info.name, "frames": args.frames, "source": source, "threads": torch.get_num_threads(),
               "thresholds": dict(model.info.thresholds or {}), "repeats": args.repeats}
     for baseline, samples in runs.items():
-        medians = {stage: statistics.median(s[stage] for s in samples) for stage in (*STAGES, "total")}
+        medians = {stage: statistics.median(s[stage] for s in samples) for stage in (*STAGES, "total", "encode_opencv_vp8")}
         report["with_baseline" if baseline else "algm_only"] = {
             "fps": args.frames / medians["total"], "seconds": medians,
             "fps_each_run": [args.frames / s["total"] for s in samples]}

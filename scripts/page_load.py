@@ -2,7 +2,8 @@
 
 Starts ``python app.py`` on a free loopback port (:class:`algm_viz.serving.AppServer`), then, for each of ``--loads`` page loads, a fresh headless
 Chromium opens the page and records (milliseconds after ``goto``): the HTML's ``DOMContentLoaded``, the
-moment Gradio has rendered the readout component, and the moment the readout holds the example's results.
+moment Gradio has rendered the readout component, the moment the readout holds the example's results, and
+the moment the view's pictures (merge maps, superpixels, segmentation) are displayed.
 Prints one JSON object with every load and the medians.
 
     python scripts/page_load.py --loads 3 --threads 1
@@ -22,11 +23,11 @@ from pathlib import Path
 
 from playwright import sync_api
 
-from algm_viz.serving import CHROMIUM, CHROMIUM_ARGS, AppServer
+from algm_viz.serving import CHROMIUM, CHROMIUM_ARGS, VIEW_PICTURES_SHOWN, AppServer
 
 
 def measure_load(url: str, timeout_ms: int = 120_000) -> dict[str, float]:
-    """One page load in a fresh browser -> ``{"dom_ms", "rendered_ms", "results_ms"}`` after ``goto``."""
+    """One page load in a fresh browser -> ``{"dom_ms", "rendered_ms", "results_ms", "pictures_ms"}`` after ``goto``."""
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -38,9 +39,11 @@ def measure_load(url: str, timeout_ms: int = 120_000) -> dict[str, float]:
         page.wait_for_function("(document.querySelector('#readout')?.innerText || '').includes('Tokens')",
                                timeout=timeout_ms, polling=20)
         results = time.perf_counter()
+        page.wait_for_function(VIEW_PICTURES_SHOWN, timeout=timeout_ms, polling=20)
+        pictures = time.perf_counter()
         browser.close()
     return {name: round(1e3 * (moment - began), 1)
-            for name, moment in (("dom_ms", dom), ("rendered_ms", rendered), ("results_ms", results))}
+            for name, moment in (("dom_ms", dom), ("rendered_ms", rendered), ("results_ms", results), ("pictures_ms", pictures))}
 
 
 def main() -> None:

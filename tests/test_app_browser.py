@@ -15,6 +15,7 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 from algm_viz.app.session import SessionCache  # noqa: E402
+from algm_viz.serving import VIEW_PICTURES_SHOWN  # noqa: E402
 from algm_viz.app.ui import APP_CSS, EXAMPLES_DIR, Handlers, build_demo  # noqa: E402
 from algm_viz.models import KNOWN_MODELS  # noqa: E402
 
@@ -54,6 +55,7 @@ def test_page_opens_with_results_of_the_first_street_example(url):
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
         page.goto(url, timeout=TIMEOUT_MS)  # no upload, no click
         page.wait_for_function(_has("#readout", "Tokens"), timeout=TIMEOUT_MS)
+        page.wait_for_function(VIEW_PICTURES_SHOWN, timeout=TIMEOUT_MS)
         page.wait_for_function(_has("#curve-plot", "τ global varied"), timeout=TIMEOUT_MS)
         readout = page.inner_text("#readout")
         sources = {name: page.get_attribute(f"#{name} img", "src") for name in ("local-overlay", "global-overlay",
@@ -106,6 +108,9 @@ def test_at_400_px_the_page_is_one_column_without_overlaps(url):
         page = browser.new_page(viewport={"width": 400, "height": 900})
         page.goto(url, timeout=TIMEOUT_MS)
         page.wait_for_function(_has("#readout", "Tokens"), timeout=TIMEOUT_MS)
+        for name in NARROW_IDS:  # as a reader scrolls down: the pictures below the fold load (lazily)
+            page.locator(f"#{name}").scroll_into_view_if_needed(timeout=TIMEOUT_MS)
+        page.wait_for_function(VIEW_PICTURES_SHOWN, timeout=TIMEOUT_MS)  # the layout with its pictures
         boxes = {name: page.locator(f"#{name}").bounding_box() for name in NARROW_IDS}
         buttons = [b for b in (page.locator(f"button:visible >> nth={i}").bounding_box()
                                for i in range(page.locator("button:visible").count())) if b and b["width"] > 0]

@@ -36,7 +36,7 @@ def tau_frames(session: ImageSession, settings: Settings, taus: Sequence[float])
 
 def tau_animation(session: ImageSession, settings: Settings, taus: Sequence[float], folder: Path,
                   fps: float = 2.0) -> list[Path]:
-    """Write ``tau_animation.gif`` (and ``tau_animation.mp4`` where OpenCV has the codec) into ``folder``."""
+    """Write ``tau_animation.gif`` (and ``tau_animation.mp4``, H.264, where FFmpeg has the encoder) into ``folder``."""
     frames = tau_frames(session, settings, taus)
     paths = [write_gif(frames, folder / "tau_animation.gif", fps)]
     mp4 = write_mp4(frames, folder / "tau_animation.mp4", fps)

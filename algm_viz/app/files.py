@@ -165,14 +165,17 @@ class PictureFiles:
         with self._lock:
             return len(self._files), self._bytes
 
-    def save(self, image: np.ndarray) -> str:
-        """``[H, W, 3]`` uint8 RGB -> path of a new PNG file."""
+    def save(self, image: np.ndarray, keep: bool = False) -> str:
+        """``[H, W, 3]`` uint8 RGB -> path of a new PNG file; ``keep``: never removed before the folder is
+        (nor counted in the bounds), for the pictures a page opens on."""
         factor = max(1, self.display_side // max(image.shape[:2]))
         if factor > 1:
             image = image.repeat(factor, axis=0).repeat(factor, axis=1)
         path = self.folder / f"{uuid.uuid4().hex}.png"
         if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, self.compression]):
             raise OSError(f"could not write a picture to {self.folder}")
+        if keep:
+            return str(path)
         size = path.stat().st_size
         with self._lock:
             self._files[path] = (size, time.time())
@@ -184,6 +187,7 @@ class PictureFiles:
                 self._bytes -= old_size
                 old.unlink(missing_ok=True)
         return str(path)
+
 
 
 def prune_uploads(blocks: Any, max_files: int, max_bytes: int) -> int:

@@ -76,6 +76,9 @@ HOW_TO_READ = """* **Tokens N → N′ → N″**: patches, after CLAP (layer 1)
 MAP_A, MAP_B = DEFAULT_MAPS
 #: The CLAP window and GBM layer the controls open on (:class:`~.session.Settings`' defaults, clipped to the model).
 OPENING_WINDOW, OPENING_GBM_LAYER = Settings.window, Settings.global_layer
+#: :meth:`Handlers.analyze`'s outputs, in order (the names of the page's view components)
+VIEW_NAMES = ("local_image", "global_image", "segmentation", "disagreement", "legend", "readout", "readout_json",
+              "mean_image", "ground_truth")
 _USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ImageError, WorkStopped)
 
 
@@ -175,6 +178,7 @@ class Handlers:
         self.upload_caps = upload_caps
         self.gate = PriorityGate()
         self.blocks: gr.Blocks | None = None  # set by build_demo: disconnects are read from its queue
+        self.opening_key: tuple[str, str, str | None] | None = None  # (model, image, label) the page opens on
         self.sessions = sessions or SessionCache()
         self.thresholds = tuple(thresholds)
         self.with_gflops = with_gflops
@@ -277,6 +281,25 @@ class Handlers:
         choices = self.registry.choices() + [(entry.label, key)]
         return gr.Dropdown(choices=choices, value=key)
 
+    def opening_view(self, model: str, image: str, label: str | None = None) -> tuple[Any, ...] | None:
+        """:meth:`analyze`'s outputs for ``image`` at the opening setting, computed now: the page's initial
+        outputs, so that it opens with results and sends no request for them. None (logged) when that fails:
+        the page then computes them on load."""
+        try:
+            with self.gate.interactive():
+                result = analysis.analyze(self._session(model, image, label), self.settings(), self.with_gflops)
+        except Exception:  # the page falls back to analysing on load
+            logger.exception("opening view of %s failed", image)
+            return None
+        return self._view(result, functools.partial(self.pictures.save, keep=True))  # shown as long as the server runs
+
+    def shows_opening(self, model: str, image: str | None, label: str | None, *settings: Any) -> bool:
+        """Whether an analysis request asks for what :meth:`opening_view` of the first street example shows."""
+        if self.opening_key is None:
+            return False
+        files = [_file_identity(path) if path else None for path in (image, label, *self.opening_key[1:])]
+        return model == self.opening_key[0] and files[:2] == files[2:] and self.settings(*settings) == self.opening()
+
     def prerun(self, model: str, image: str, label: str | None = None) -> threading.Thread:
         """Compute, in a background thread, what the page shows first for ``image`` with ``model`` at its
         default setting (the forwards, timings, τ curves and balance land in the session caches), so that the
@@ -331,7 +354,11 @@ class Handlers:
         with self.gate.interactive():
             session = self._session(model, image, label)
             result = analysis.analyze(session, settings, self.with_gflops)
-        save = self.pictures.save
+        return self._view(result, self.pictures.save)
+
+    @staticmethod
+    def _view(result: analysis.Analysis, save: Callable[[np.ndarray], str]) -> tuple[Any, ...]:
+        """An analysis -> the view outputs (:data:`VIEW_NAMES`), its pictures written by ``save``."""
         return (save(result.local_overlay), save(result.global_overlay), (save(result.baseline_overlay), save(result.algm_overlay)),
                 save(result.disagreement), save(result.legend), analysis.readout_markdown(result.readout), result.readout,
                 save(result.mean_colors), None if result.ground_truth is None else save(result.ground_truth))
@@ -473,8 +500,9 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
     """The app. ``gpu_concurrency``: model requests run at once (queue concurrency group ``"gpu"``).
     ``delete_cache``: Gradio's ``(every, age)`` seconds removal of the uploads and other files it stored
     for this app (None: keep them until the server stops). ``prerun``: the page opens on the first street
-    example, computed once in the background from the start (:meth:`Handlers.prerun`), so that every
-    visitor sees results at once."""
+    example with its results as the outputs' initial values (:meth:`Handlers.opening_view`, computed now),
+    and its τ curve and balance computed in the background (:meth:`Handlers.prerun`), so that every visitor
+    sees results at once; without it (ZeroGPU: no CUDA in the main process) the page analyses it on load."""
     handlers = handlers or Handlers(ModelRegistry())
     default = handlers.registry.default_key()
     entry, status = handlers.model_info(default)
@@ -483,8 +511,6 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
     work = {"concurrency_id": "gpu", "concurrency_limit": gpu_concurrency}
     streets, photos = _examples()
     first = streets[0] if streets else [None, None]  # the page opens on it
-    if prerun and first[0]:
-        handlers.prerun(default, *first)
 
     with gr.Blocks(title="ALGM token merging", delete_cache=delete_cache) as demo:
         gr.Markdown("# ALGM: see token merging in a segmentation ViT\n"
@@ -514,6 +540,12 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                 if photos:
                     gr.Examples(examples=photos, inputs=[image, label], elem_id="photo-examples",
                                 label="Photos outside the CamVid model's training domain (public domain)")
+        opening = [_kept_in_cache(component, path) for component, path in zip((image, label), first)]
+        view = handlers.opening_view(default, *opening) if prerun and opening[0] else None
+        if view is not None:
+            handlers.opening_key = (default, *opening)
+            handlers.prerun(default, *opening)
+        shown = dict(zip(VIEW_NAMES, view or ()))  # the outputs' initial values
         with gr.Row(elem_classes=STACK):
             local_tau = NumberSlider(min(0.5, auto["local"]), 1.0, value=start.local_threshold, step=0.005,
                                      label="τ local (CLAP)", elem_id="tau-local",
@@ -530,24 +562,27 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
             prop_attn = gr.Checkbox(False, label="Proportional attention", elem_id="prop-attn",
                                     info="a merged token weighs in attention as the patches it holds (ToMe); "
                                          "off = the paper's code")
-        readout = gr.Markdown(elem_id="readout")
+        readout = gr.Markdown(shown.get("readout"), elem_id="readout")
         panel = {"format": "png", "height": PANEL_HEIGHT}
         with gr.Row(equal_height=True, elem_classes=STACK):
             local_image = gr.Image(label="CLAP: yellow = a k×k window merged into one token (white outline)",
-                                   elem_id="local-overlay", **panel)
+                                   value=shown.get("local_image"), elem_id="local-overlay", **panel)
             global_image = gr.Image(label="GBM: one colour per merged group (may be far apart; black outline), "
-                                          "clear = not merged by GBM", elem_id="global-overlay", **panel)
+                                          "clear = not merged by GBM", value=shown.get("global_image"),
+                                    elem_id="global-overlay", **panel)
             mean_image = gr.Image(label="Tokens as superpixels: each final token in its mean colour",
-                                  elem_id="mean-colors", **panel)
+                                  value=shown.get("mean_image"), elem_id="mean-colors", **panel)
         with gr.Row(equal_height=True, elem_classes=STACK):
-            segmentation = gr.ImageSlider(label="Segmentation: baseline ⟷ ALGM (drag the divider)", format="png",
+            segmentation = gr.ImageSlider(shown.get("segmentation"), label="Segmentation: baseline ⟷ ALGM (drag the divider)", format="png",
                                           max_height=PANEL_HEIGHT, elem_id="segmentation", scale=3)
-            legend = gr.Image(label="Classes", format="png", height=PANEL_HEIGHT, elem_id="legend", scale=1,
+            legend = gr.Image(shown.get("legend"), label="Classes", format="png", height=PANEL_HEIGHT, elem_id="legend", scale=1,
                               min_width=160)
         with gr.Row(equal_height=True, elem_classes=STACK):
-            disagreement = gr.Image(label="Red: pixels where ALGM and the baseline disagree (the rest dimmed)",
+            disagreement = gr.Image(shown.get("disagreement"),
+                                    label="Red: pixels where ALGM and the baseline disagree (the rest dimmed)",
                                     elem_id="disagreement", **panel)
-            ground_truth = gr.Image(label="Ground truth: your label map in the class colours (black = ignored)",
+            ground_truth = gr.Image(shown.get("ground_truth"),
+                                    label="Ground truth: your label map in the class colours (black = ignored)",
                                     elem_id="ground-truth", **panel)
         inspector_panel = InspectorPanel(handlers, PANEL_HEIGHT)
         curve_plot = gr.Plot(label="This image: τ curve", elem_id="curve-plot")
@@ -578,7 +613,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         with gr.Accordion("Download the figures' data (JSON/CSV)", open=False):
             export_button = gr.Button("Prepare files")
             export_files = gr.File(label="Files", file_count="multiple")
-        readout_json = gr.JSON(label="Readout (JSON)", visible=False)
+        readout_json = gr.JSON(shown.get("readout_json"), label="Readout (JSON)", visible=False)
 
         inputs = [model, image, label, local_tau, global_tau, window, global_layer, prop_attn]
         algm_inputs = [*inputs, global_official]  # the analysis endpoints also take the official-τ switch
@@ -600,11 +635,21 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                     global_layer.release, prop_attn.change, global_official.change]
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
-        # a new image drops a label map that belongs to another image (an example's) and is analysed, in one request
-        chain(image.change(on_gpu["analyze"](handlers.analyze_image), algm_inputs, [label, *view_outputs],
+        # a new image drops a label map that belongs to another image (an example's) and is analysed, in one
+        # request; the opening example, which the page's load sets, is already on screen (its initial values)
+        opening_shown = gr.State(view is not None)
+        analyze_image = on_gpu["analyze"](handlers.analyze_image)
+
+        def analyze_new_image(*values: Any) -> tuple[Any, ...]:
+            """(``algm_inputs``' values, whether the opening view is shown) -> (label, view outputs, False)."""
+            *values, showing_opening = values
+            if showing_opening and handlers.shows_opening(*values):
+                return (gr.skip(),) * (1 + len(view_outputs)) + (False,)
+            return (*analyze_image(*values), False)
+
+        chain(image.change(analyze_new_image, [*algm_inputs, opening_shown], [label, *view_outputs, opening_shown],
                            api_visibility="private", trigger_mode="always_last", **work))
-        if first[0]:  # set on load, not as initial values: those would become the API's defaults
-            opening = [_kept_in_cache(component, path) for component, path in zip((image, label), first)]
+        if opening[0]:  # set on load, not as initial values: those would become the API's defaults
             demo.load(lambda: tuple(opening), None, [image, label], api_visibility="private")
         inspector_panel.wire(inputs, image, [local_image, global_image],
                              [demo.load, label.upload, label.clear, local_tau.release, global_tau.release, window.change,

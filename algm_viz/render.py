@@ -84,9 +84,11 @@ def _blend(image: np.ndarray, layer: np.ndarray, mask: np.ndarray, alpha: float)
     """``image`` with ``layer`` alpha-blended where ``mask`` (``[H, W]`` bool) is True."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    mixed = cv2.addWeighted(image, 1.0 - alpha, np.ascontiguousarray(layer, np.uint8), alpha, 0.0)  # rounded, saturated
+    if mask.all():
+        return mixed
     out = image.copy()
-    mixed = image.astype(np.float32) * (1.0 - alpha) + layer.astype(np.float32) * alpha
-    out[mask] = mixed[mask].round().astype(np.uint8)
+    np.copyto(out, mixed, where=mask[..., None])
     return out
 
 

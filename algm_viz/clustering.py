@@ -26,6 +26,7 @@ token set at the encoder output, before the decoder, as both papers do.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -220,8 +221,10 @@ def local_kmeans(
     )
 
 
+@functools.lru_cache(maxsize=2)  # the grids in use (a 64×128 grid holds 256 MiB)
 def _grid_distance(grid: tuple[int, int], device: torch.device | str | None) -> Tensor:
-    """``[N, N]`` Euclidean distance of patch positions, in units of the grid's diagonal."""
+    """``[N, N]`` Euclidean distance of patch positions, in units of the grid's diagonal (cached per grid and
+    device: read only)."""
     height, width = grid
     rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
     position = torch.stack([rows.flatten(), cols.flatten()], -1).float()
@@ -271,12 +274,10 @@ def density_peaks_clusters(
         density = (-nearest.pow(2).mean(-1)).exp()  # [B, N]
     else:
         density = torch.ones(batch, num_tokens, device=tokens.device)
-    position = torch.arange(num_tokens, device=tokens.device)
-    denser = (density[:, None, :] > density[:, :, None]) | (
-        (density[:, None, :] == density[:, :, None]) & (position[None, :] < position[:, None])
-    )  # [B, i, j]: j is denser than i
-    farthest = distance.flatten(1).max(-1).values[:, None, None]
-    delta = torch.where(denser, distance, farthest).min(-1).values  # [B, N]
+    # rank by density, ties in raster order (a stable sort): j is denser than i when rank_j < rank_i
+    rank = density.sort(dim=-1, descending=True, stable=True).indices.argsort(-1)  # [B, N]
+    farthest = distance.amax(dim=(1, 2))[:, None, None]
+    delta = torch.where(rank[:, None, :] < rank[:, :, None], distance, farthest).amin(-1)  # [B, N]
     centres = (density * delta).topk(num_clusters, dim=-1).indices.sort(-1).values  # [B, M]
     to_centre = distance.gather(2, centres[:, None, :].expand(-1, num_tokens, -1))  # [B, N, M]
     groups = to_centre.argmin(-1)

@@ -25,6 +25,16 @@ def test_attention_flops_are_counted_on_cpu(fused):
     assert count_gflops(attention, torch.randn(1, tokens, dim)) * 1e9 == pytest.approx(macs)
 
 
+def test_flops_are_the_same_counted_inside_inference_mode_on_inference_tensors():
+    tokens, dim = 50, 32
+    block = timm.models.vision_transformer.Block(dim, num_heads=4).eval()
+    macs = tokens * dim * 3 * dim + tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * 4 * dim
+    plain = count_gflops(block, torch.randn(1, tokens, dim))
+    with torch.inference_mode():
+        inside = count_gflops(block, torch.randn(1, tokens, dim))  # an inference tensor, as the sweep passes
+    assert plain * 1e9 == pytest.approx(macs) and inside == plain
+
+
 def test_time_call_reports_ordered_quantiles():
     calls = []
     timing = time_call(lambda: calls.append(1), "cpu", repeats=5, warmup=2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import algm_viz
-from algm_viz.evaluation.inference import predict_labels, predict_logits, resize_matrix, upsampled_argmax
+from algm_viz.evaluation.inference import class_argmax, predict_labels, predict_logits, resize_matrix, upsampled_argmax
 from algm_viz.models import create_segmenter
 
 
@@ -54,3 +54,11 @@ def test_sliding_window_falls_back_to_the_logits_path(model):
     image = np.random.default_rng(3).integers(0, 256, (40, 96, 3), dtype=np.uint8)
     expected = predict_logits(model, image, window=32, stride=16).argmax(0)
     assert torch.equal(predict_labels(model, image, window=32, stride=16), expected)
+
+
+@pytest.mark.parametrize("shape", [(11, 7, 9), (2, 5, 3, 4), (1, 1, 6, 6)])
+def test_class_argmax_is_argmax_with_its_ties(shape):
+    logits = torch.randn(*shape)
+    assert torch.equal(class_argmax(logits), logits.argmax(-3))
+    tied = logits.round()  # many equal maxima: the first one wins, as in argmax
+    assert torch.equal(class_argmax(tied), tied.argmax(-3))

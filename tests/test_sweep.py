@@ -104,6 +104,15 @@ def test_methods_limit_and_restored_config(data):
     assert clap["images"] == 2 and np.isnan(clap["gflops"])
 
 
+def test_each_image_is_decoded_once_for_all_configurations(data, monkeypatch):
+    reads = []
+    read = type(data).__getitem__
+    monkeypatch.setattr(type(data), "__getitem__", lambda self, index: reads.append(index) or read(self, index))
+    rows = sweep(_model(), data, SweepConfig(taus=[0.7, 0.9], methods=["baseline", "algm"], warmup=0, flops_images=0),
+                 progress=False)
+    assert len(rows) == 3 and sorted(reads) == list(range(len(data)))  # baseline + 2 τ, one read per image
+
+
 def test_algm_prop_sweeps_with_proportional_attention(data, monkeypatch):
     model = _model()
     seen = []

@@ -270,6 +270,32 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
+class _DecodedOnce:
+    """``dataset`` whose decoded ``(image, label)`` items are kept, up to ``budget_bytes`` of arrays, so that the
+    configurations of one sweep decode each image once; other attributes are the dataset's."""
+
+    def __init__(self, dataset: Any, budget_bytes: int = 2**30) -> None:
+        self.dataset, self.budget_bytes = dataset, budget_bytes
+        self._items: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if index in self._items:
+            return self._items[index]
+        item = self.dataset[index]
+        size = sum(np.asarray(part).nbytes for part in item if part is not None)
+        if self._bytes + size <= self.budget_bytes:
+            self._items[index] = item
+            self._bytes += size
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataset, name)
+
+
 def _indices(dataset: Any, config: SweepConfig, context: Context) -> list[int]:
     """This process's share of the images the sweep evaluates."""
     return spread_indices(dataset, config.limit, config.seed)[context.rank :: context.world_size]
@@ -404,6 +430,7 @@ def sweep(model: nn.Module, dataset: Any, config: SweepConfig, context: Context 
     where the labels are the baseline's prediction)."""
     context = context or Context(0, 1, torch.device("cpu"))
     model.eval()
+    dataset = _DecodedOnce(dataset)
     rows, confusions = [], []
     runs = config.runs()
     progress_log = _ProgressLog(len(runs) * len(_indices(dataset, config, context)), config.log_every_s,  # this process's

@@ -358,12 +358,14 @@ def test_bundled_model_brings_classes_input_size_thresholds_and_dataset_curve(tm
     assert handlers.curve(f"bundled:{folder}", image, None, 0.8, 0.7, 2, 5)[1] is not None
 
 
-@pytest.mark.parametrize("train_split, trained_on", [("train+val", True), ("train", False)])
-def test_dataset_curve_says_what_it_was_measured_on(tmp_path, train_split, trained_on):
+@pytest.mark.parametrize("training, warning", [({"train_split": "train+val"}, "trained on"),
+                                               ({"train_split": "train", "val_split": "val"}, "chose its best epoch"),
+                                               ({"train_split": "train"}, None)])
+def test_dataset_curve_says_what_it_was_measured_on(tmp_path, training, warning):
     config = dict(TINY)
     folder = save_bundled(create_segmenter(**config), tmp_path / "tiny-bundle", config=config,
                           class_names=[f"c{i}" for i in range(5)], colors=[(i * 40, 0, 0) for i in range(5)],
-                          input_size=48, training={"train_split": train_split})
+                          input_size=48, training=training)
     rows = [{"method": "baseline", "local_threshold": None, "global_threshold": None, "miou": 50.0, "images": 101,
              "images_per_s": 10.0, "gflops": 1.0},
             {"method": "algm", "local_threshold": 0.8, "global_threshold": 0.8, "miou": 49.0, "images": 101,
@@ -372,7 +374,8 @@ def test_dataset_curve_says_what_it_was_measured_on(tmp_path, train_split, train
     handlers = Handlers(ModelRegistry(device="cpu", include_bundled=False), SessionCache())
     title = json.loads(handlers.select_model(f"bundled:{folder}")[4].value["plot"])["layout"]["title"]["text"]
     assert "measured on camvid val, 101 images" in title
-    assert ("trained on" in title) is trained_on
+    for text in ("trained on", "chose its best epoch"):
+        assert (text in title) is (text == warning), title
 
 
 def test_gpu_shim_is_a_no_op_without_spaces_and_uses_spaces_gpu_with_it(monkeypatch):

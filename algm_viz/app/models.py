@@ -160,15 +160,18 @@ def _read_sweep(folder: Path, training: Mapping[str, Any] | None = None) -> tupl
 
 
 def _sweep_source(data: Mapping[str, Any], rows: list[dict[str, Any]], training: Mapping[str, Any]) -> str | None:
-    """The text naming what a sweep measured: "camvid val, 101 images (images the model was trained on)"."""
+    """The text naming what a sweep measured: "camvid val, 101 images (images the model was trained on)", or
+    "(the split the training chose its best epoch on)" where the card's ``val_split`` is that split."""
     dataset, split = data.get("dataset"), data.get("split")
     if not isinstance(split, str):
         return None
     images = next((r.get("images") for r in rows if r.get("method") == "baseline"), None)
     text = " ".join(str(part) for part in (dataset, split) if part) + (f", {images} images" if isinstance(images, int) else "")
-    trained_on = training.get("train_split")
+    trained_on, chosen_on = training.get("train_split"), training.get("val_split")
     if isinstance(trained_on, str) and set(split.split("+")) <= set(trained_on.split("+")):
         text += " (images the model was trained on: the curve shows what merging costs, not held-out quality)"
+    elif chosen_on == split:
+        text += " (the split the training chose its best epoch on: the mIoU is optimistic)"
     return text
 
 

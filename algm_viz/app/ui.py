@@ -465,6 +465,15 @@ def _examples() -> tuple[list[list[str]], list[list[str | None]]]:
             [[str(p), None] for p in pictures if p not in labelled])
 
 
+def _files_now(paths: Sequence[str | None]) -> str:
+    """A page-side function returning ``paths`` (files in Gradio's cache) as file values: an output of the
+    page's load that needs no request, so the example is in place before a visitor can upload another."""
+    files = [None if p is None else {"path": p, "orig_name": Path(p).name, "meta": {"_type": "gradio.FileData"}}
+             for p in paths]
+    return (f"() => {json.dumps(files)}.map(f => f && {{...f, "
+            "url: new URL('gradio_api/file=' + f.path, window.gradio_config.root).href})")
+
+
 def _kept_in_cache(component: gr.components.Component, path: str | None) -> str | None:
     """``path`` copied into Gradio's cache for ``component`` and marked to keep (as an initial value or an
     example is), so that the upload caps never remove the picture every page opens on."""
@@ -650,7 +659,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         chain(image.change(analyze_new_image, [*algm_inputs, opening_shown], [label, *view_outputs, opening_shown],
                            api_visibility="private", trigger_mode="always_last", **work))
         if opening[0]:  # set on load, not as initial values: those would become the API's defaults
-            demo.load(lambda: tuple(opening), None, [image, label], api_visibility="private")
+            demo.load(None, None, [image, label], js=_files_now(opening))
         inspector_panel.wire(inputs, image, [local_image, global_image],
                              [demo.load, label.upload, label.clear, local_tau.release, global_tau.release, window.change,
                               global_layer.release, prop_attn.change], work)

@@ -84,8 +84,10 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
     text.write_text("this is not an image")
     with pytest.raises(Exception, match="not an image"):
         client.predict("untrained", handle_file(str(text)), None, 0.9, 0.9, 2, 5, api_name="/analyze")
-    with pytest.raises(Exception, match="greater than maximum"):
+    with pytest.raises(Exception, match=r"local_threshold must be in \[0.0, 1.0\], got 1.5"):
         client.predict("untrained", handle_file(images[0]), None, 1.5, 0.9, 2, 5, api_name="/analyze")
+    with pytest.raises(Exception, match="layer"):  # beyond this model's depth: the model says so
+        client.predict("untrained", handle_file(images[0]), None, 0.9, 0.9, 2, 99, api_name="/analyze")
     with pytest.raises(Exception, match="unknown model"):
         client.predict("nope", handle_file(images[0]), None, 0.9, 0.9, 2, 5, api_name="/analyze")
     assert analyze(url, images[0], 0.9, 2)["tokens"]["patches"] > 0
@@ -162,3 +164,14 @@ def test_analyze_with_only_the_model_and_the_image(server):
     handlers = Handlers(tiny_registry(), SessionCache(capacity=2, max_side=128), with_gflops=False)
     direct = handlers.analyze("untrained", images[2])[6]  # in process: None = the same opening setting
     assert {k: direct[k] for k in ("thresholds", "window", "tokens")} == {k: readout[k] for k in ("thresholds", "window", "tokens")}
+
+
+def test_sliders_leave_the_bounds_to_the_model_a_request_names():
+    from algm_viz.app.components import NumberSlider
+
+    layer = NumberSlider(1, 12, value=5, step=1, label="GBM layer")  # the opening model's depth
+    tau = NumberSlider(0.5, 1.0, value=0.95, step=0.005, label="τ local")  # the opening model's calibration
+    assert layer.preprocess(20) == 20, "layer 20 of a 24-layer model a request names"
+    assert tau.preprocess(0.3) == 0.3, "a τ below the opening model's slider"
+    with pytest.raises(Exception, match="GBM layer must be a number"):
+        layer.preprocess("5")

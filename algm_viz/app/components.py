@@ -37,14 +37,16 @@ def checked_payload(model: type[pydantic.BaseModel], what: str) -> type[pydantic
 
 class NumberSlider(gr.Slider):
     """``gr.Slider`` that refuses a value that is not a number with a message naming the slider (NaN passes
-    on to the handler, which names the setting)."""
+    on to the handler, which names the setting). Its bounds are not checked here: they are the page's opening
+    model's (an API call may name a deeper model, or one calibrated lower); the handler checks the value
+    against the model the request names."""
 
     is_template = True
 
     def preprocess(self, payload: Any) -> float:
         if isinstance(payload, bool) or not isinstance(payload, (int, float)):
             raise gr.Error(f"{self.label or 'a slider'} must be a number, got {_shown(payload)}")
-        return super().preprocess(payload)
+        return gr.Number.round_to_precision(payload, self.precision)
 
 
 #: How the API page describes a label-map input.

@@ -166,6 +166,8 @@ def test_upload_then_release_tau_updates_overlays_readout_and_plot(url, tmp_path
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
         page.goto(url, timeout=TIMEOUT_MS)
         page.wait_for_function(_has("#readout", "mIoU vs label"), timeout=TIMEOUT_MS)  # the example, with its label
+        page.wait_for_selector("#input-image img", timeout=TIMEOUT_MS)  # its image is in place, as a visitor sees it
+        page.wait_for_timeout(1500)  # the opening change event (skipped) has run
         page.locator("#input-image input[type=file]").set_input_files(str(image))
         # the example's label map belongs to another image: it is dropped, the new image analysed without it
         page.wait_for_function("!" + _has("#readout", "mIoU vs label") + " && " + _has("#readout", "Tokens"),

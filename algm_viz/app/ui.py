@@ -466,11 +466,12 @@ def _examples() -> tuple[list[list[str]], list[list[str | None]]]:
 
 
 def _files_now(paths: Sequence[str | None]) -> str:
-    """A page-side function returning ``paths`` (files in Gradio's cache) as file values: an output of the
-    page's load that needs no request, so the example is in place before a visitor can upload another."""
+    """A page-side function of the (image, label) inputs: those inputs where the visitor has already given an
+    image, else ``paths`` (files in Gradio's cache) as file values. The page's load needs no request for it,
+    and an upload made as the page opens is never replaced by the example."""
     files = [None if p is None else {"path": p, "orig_name": Path(p).name, "meta": {"_type": "gradio.FileData"}}
              for p in paths]
-    return (f"() => {json.dumps(files)}.map(f => f && {{...f, "
+    return (f"(image, label) => image ? [image, label] : {json.dumps(files)}.map(f => f && {{...f, "
             "url: new URL('gradio_api/file=' + f.path, window.gradio_config.root).href})")
 
 
@@ -659,7 +660,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         chain(image.change(analyze_new_image, [*algm_inputs, opening_shown], [label, *view_outputs, opening_shown],
                            api_visibility="private", trigger_mode="always_last", **work))
         if opening[0]:  # set on load, not as initial values: those would become the API's defaults
-            demo.load(None, None, [image, label], js=_files_now(opening))
+            demo.load(None, [image, label], [image, label], js=_files_now(opening))
         inspector_panel.wire(inputs, image, [local_image, global_image],
                              [demo.load, label.upload, label.clear, local_tau.release, global_tau.release, window.change,
                               global_layer.release, prop_attn.change], work)

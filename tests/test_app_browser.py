@@ -164,15 +164,19 @@ def test_upload_then_release_tau_updates_overlays_readout_and_plot(url, tmp_path
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
-        page.goto(url, timeout=TIMEOUT_MS)
-        page.wait_for_function(_has("#readout", "mIoU vs label"), timeout=TIMEOUT_MS)  # the example, with its label
-        page.wait_for_selector("#input-image img", timeout=TIMEOUT_MS)  # its image is in place, as a visitor sees it
-        page.wait_for_timeout(1500)  # the opening change event (skipped) has run
+        page.goto(url, wait_until="commit", timeout=TIMEOUT_MS)
+        # an upload as soon as the page takes one, while the opening example and its events are still arriving
+        page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=TIMEOUT_MS)
         page.locator("#input-image input[type=file]").set_input_files(str(image))
         # the example's label map belongs to another image: it is dropped, the new image analysed without it
         page.wait_for_function("!" + _has("#readout", "mIoU vs label") + " && " + _has("#readout", "Tokens"),
                                timeout=TIMEOUT_MS)
         page.wait_for_function(_has("#curve-plot", "τ global varied"), timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#purity-readout", "Merge purity"), timeout=TIMEOUT_MS)
+        page.wait_for_timeout(1500)  # the attention balance, and any error of these events
+        errors = [text for text in page.locator(".toast-body").all_inner_texts() if text.startswith("Error")]
+        assert not errors, f"no request paired the new image with the example's label map: {errors}"
+        assert page.locator("#input-image img").get_attribute("src").endswith("coffee.png"), "the upload stays"
         before = _state(page)
         assert before["local"] and before["global"], "both merge overlays are shown"
         page.screenshot(path=str(tmp_path / "before.png"), full_page=True)

@@ -52,8 +52,9 @@ def test_the_loaded_opening_image_is_not_analysed_again(opened):
     handler = _new_image_handler(demo)
     values = _opening_values(handlers)
     skipped = handler(*values, True)
-    assert all(output == gr.skip() for output in skipped[:-1]) and skipped[-1] is False
-    assert len(skipped) == 1 + len(VIEW_NAMES) + 1
+    views = 1 + len(VIEW_NAMES)  # the label map, then the view
+    assert all(output == gr.skip() for output in skipped[:views]) and skipped[views] is False
+    assert skipped[views + 1:] == tuple(values[1:3]), "what follows is of the opening image and label map"
 
 
 @pytest.mark.parametrize("change", ["setting", "already-replaced"])
@@ -67,9 +68,31 @@ def test_any_other_new_image_request_is_analysed(opened, change):
     else:
         shown = False  # the page has shown other results since
     outputs = handler(*values, shown)
-    assert outputs[-1] is False
+    assert outputs[1 + len(VIEW_NAMES)] is False
     readout = outputs[1 + VIEW_NAMES.index("readout")]
     assert isinstance(readout, str) and "Tokens" in readout
+    assert outputs[-2:] == (values[1], outputs[0]), "the image and the label map (kept: it fits) analysed"
+
+
+def test_what_follows_a_new_image_takes_the_image_and_label_map_analysed(opened):
+    """The page sets a visitor's image (and the events that read the inputs see it) before its change event
+    drops the previous label map: the curve, balance and purity after that event take what it analysed."""
+    _, demo = opened
+    label = next(block for block in demo.blocks.values() if isinstance(block, gr.File) and "label map" in (block.label or ""))
+    index, new_image = next((i, f) for i, f in enumerate(demo.fns.values())
+                            if getattr(f.fn, "__name__", "") == "analyze_new_image")
+    analysed = new_image.outputs[-2:]
+    assert all(isinstance(block, gr.State) for block in analysed)
+    fns = list(demo.fns.values())
+    after, frontier = set(), {index}
+    while frontier:  # the chain from it, step after step
+        frontier = {i for i, f in enumerate(fns) if f.trigger_after in frontier} - after
+        after |= frontier
+    following = [fns[i] for i in after]
+    names = {getattr(f.fn, "__name__", "") for f in following}
+    assert {"curve", "balance", "purity"} <= names, names
+    for dependency in following:
+        assert dependency.inputs[1:3] == analysed and label not in dependency.inputs
 
 
 def test_without_prerun_the_page_has_no_initial_results():
@@ -79,7 +102,7 @@ def test_without_prerun_the_page_has_no_initial_results():
     assert not _component(demo, "readout").value
     handler = _new_image_handler(demo)
     model = handlers.registry.default_key()
-    assert handler(model, None, None, None, None, None, None, False, False, False)[-1] is False
+    assert handler(model, None, None, None, None, None, None, False, False, False)[1 + len(VIEW_NAMES)] is False
 
 
 

@@ -165,11 +165,13 @@ class InspectorPanel:
         return inspector.to_model_frame(*event.index, np.asarray(shown).shape[:2], session.image.shape[:2])
 
     def wire(self, inputs: Sequence[gr.components.Component], upload: gr.Image, pictures: Sequence[gr.Image],
-             triggers: Sequence[Any], work: dict[str, Any]) -> None:
+             triggers: Sequence[Any], new_image: Any, new_image_inputs: Sequence[Any], work: dict[str, Any]) -> None:
         """Connect the events. ``inputs``: (model, image, label, τ local, τ global, window, GBM layer,
         proportional attention); ``upload``: the image input; ``pictures``: overlays in the model-input frame
         (the inspector's own picture is added); ``triggers``: events after which the same point is inspected
-        again; ``work``: the queue settings of model work."""
+        again; ``new_image``: the event that analyses a new image and settles its label map (the purity
+        follows it, not the image's change, which would pair the new image with the previous label map), and
+        ``new_image_inputs`` the values it analysed, in ``inputs``' order; ``work``: the queue settings of model work."""
         model, image, label = inputs[:3]
         on_gpu: Callable[[Callable], Callable] = gpu(lambda model, image, *rest: forward_budget(2, image_pixels(image)))
         point = [self.x, self.y]
@@ -189,6 +191,7 @@ class InspectorPanel:
         self.flow_button.click(flow_gpu(self.flow), list(inputs), [self.flow_plot], api_name="layer_flow", **work)
         self.animate_button.click(animate_gpu(self.animate), list(inputs), [self.animation_files], api_name="animate",
                                   **work)
-        gr.on([image.change, *triggers], on_gpu(self.purity), list(inputs),
-              [self.purity_picture, self.purity_readout, self.purity_json], api_name="purity",
+        purity_outputs = [self.purity_picture, self.purity_readout, self.purity_json]
+        gr.on(list(triggers), on_gpu(self.purity), list(inputs), purity_outputs, api_name="purity",
               trigger_mode="always_last", **work)
+        new_image.success(on_gpu(self.purity), list(new_image_inputs), purity_outputs, api_visibility="private", **work)

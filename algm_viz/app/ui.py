@@ -631,12 +631,12 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         view_outputs = [local_image, global_image, segmentation, disagreement, legend, readout, readout_json, mean_image,
                         ground_truth]
 
-        def chain(event: Any, public: bool = False) -> None:
-            """After ``event`` succeeded: the τ curve, then the attention balance (named endpoints once); a failed
-            step stops the chain, so its one toast is the only one."""
+        def chain(event: Any, public: bool = False, event_inputs: Sequence[Any] = algm_inputs) -> None:
+            """After ``event`` succeeded: the τ curve, then the attention balance (named endpoints once), of
+            ``event_inputs``; a failed step stops the chain, so its one toast is the only one."""
             names = ({"api_name": "curve"}, {"api_name": "balance"}) if public else ({"api_visibility": "private"},) * 2
-            event.success(on_gpu["curve"](handlers.curve), algm_inputs, [curve_plot, dataset_plot], **names[0], **work) \
-                 .success(on_gpu["balance"](handlers.balance), algm_inputs, [balance_plot, balance_summary], **names[1], **work)
+            event.success(on_gpu["curve"](handlers.curve), event_inputs, [curve_plot, dataset_plot], **names[0], **work) \
+                 .success(on_gpu["balance"](handlers.balance), event_inputs, [balance_plot, balance_summary], **names[1], **work)
 
         # a label map the user uploads or clears (.change would also fire when an example or the page's opening
         # sets it along with its image, whose own change runs the analysis: a second run, whose progress overlay
@@ -646,24 +646,36 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         chain(gr.on(triggers, on_gpu["analyze"](handlers.analyze), algm_inputs, view_outputs, api_name="analyze",
                     trigger_mode="always_last", **work), public=True)
         # a new image drops a label map that belongs to another image (an example's) and is analysed, in one
-        # request; the opening example, which the page's load sets, is already on screen (its initial values)
+        # request; the opening example, which the page's load sets, is already on screen (its initial values).
+        # What follows it (curve, balance, purity) takes the image and label map analysed, not the inputs when
+        # it runs: the page sets a visitor's image before its change event, still beside the previous label map
         opening_shown = gr.State(view is not None)
+        analysed = [gr.State(), gr.State()]  # (image, label map) of the last new-image analysis
         analyze_image = on_gpu["analyze"](handlers.analyze_image)
 
         def analyze_new_image(*values: Any) -> tuple[Any, ...]:
-            """(``algm_inputs``' values, whether the opening view is shown) -> (label, view outputs, False)."""
+            """(``algm_inputs``' values, whether the opening view is shown) -> (label, view outputs, False, the
+            image and label map analysed)."""
             *values, showing_opening = values
+            image_path, label_path = values[1:3]
             if showing_opening and handlers.shows_opening(*values):
-                return (gr.skip(),) * (1 + len(view_outputs)) + (False,)
-            return (*analyze_image(*values), False)
+                return (gr.skip(),) * (1 + len(view_outputs)) + (False, image_path, label_path)
+            label_path, *views = analyze_image(*values)
+            return (label_path, *views, False, image_path, label_path)
 
-        chain(image.change(analyze_new_image, [*algm_inputs, opening_shown], [label, *view_outputs, opening_shown],
-                           api_visibility="private", trigger_mode="always_last", **work))
+        new_image = image.change(analyze_new_image, [*algm_inputs, opening_shown],
+                                 [label, *view_outputs, opening_shown, *analysed],
+                                 api_visibility="private", trigger_mode="always_last", **work)
+        new_image_inputs = [model, *analysed, *algm_inputs[3:]]
+        chain(new_image, event_inputs=new_image_inputs)
+        # a visitor's own image drops the label map on the page too (no request; an example sets both, and is
+        # no upload), for the requests that read the inputs after it
+        image.upload(None, None, [label], js="() => null")
         if opening[0]:  # set on load, not as initial values: those would become the API's defaults
             demo.load(None, [image, label], [image, label], js=_files_now(opening))
         inspector_panel.wire(inputs, image, [local_image, global_image],
                              [demo.load, label.upload, label.clear, local_tau.release, global_tau.release, window.change,
-                              global_layer.release, prop_attn.change], work)
+                              global_layer.release, prop_attn.change], new_image, new_image_inputs[:len(inputs)], work)
         current_model = gr.State(default)  # the model whose controls and results the page shows
 
         def switch_model(event: Any, public: bool = False) -> None:

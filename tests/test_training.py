@@ -255,6 +255,11 @@ def test_sequence_splits_select_images_and_reject_shared_images(tmp_path):
 
     exported = json.loads((export_run(out / "best.pt", tmp_path / "bundle") / "config.json").read_text())
     assert (exported["training"]["train_sequences"], exported["training"]["val_sequences"]) == (["aa"], ["cc"])
+    assert exported["training"]["shared_sequences"] == []
+    overlapping = tmp_path / "overlap"  # the whole val split: aa_2 is of a sequence it trains on
+    train(TrainConfig(**{**config.__dict__, "out": str(overlapping), "val_sequences": None}))
+    exported = json.loads((export_run(overlapping / "best.pt", tmp_path / "bundle2") / "config.json").read_text())
+    assert exported["training"]["shared_sequences"] == ["aa"]
     with pytest.raises(ValueError, match="also training images"):
         train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "leak"), "val_root": str(root / "train"),
                              "val_sequences": ["bb"], "train_sequences": None}))

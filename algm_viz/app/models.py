@@ -161,7 +161,8 @@ def _read_sweep(folder: Path, training: Mapping[str, Any] | None = None) -> tupl
 
 def _sweep_source(data: Mapping[str, Any], rows: list[dict[str, Any]], training: Mapping[str, Any]) -> str | None:
     """The text naming what a sweep measured: "camvid val, 101 images (images the model was trained on)", or
-    "(the split the training chose its best epoch on)" where the card's ``val_split`` is that split."""
+    "(the split the training chose its best epoch on)" where the card's ``val_split`` is that split, with the
+    sequences (recordings) it shares with the training images where the card names them (``shared_sequences``)."""
     dataset, split = data.get("dataset"), data.get("split")
     if not isinstance(split, str):
         return None
@@ -171,7 +172,10 @@ def _sweep_source(data: Mapping[str, Any], rows: list[dict[str, Any]], training:
     if isinstance(trained_on, str) and set(split.split("+")) <= set(trained_on.split("+")):
         text += " (images the model was trained on: the curve shows what merging costs, not held-out quality)"
     elif chosen_on == split:
-        text += " (the split the training chose its best epoch on: the mIoU is optimistic)"
+        shared = training.get("shared_sequences")
+        also = (f", from sequence{'s' if len(shared) > 1 else ''} {', '.join(map(str, shared))} it also trained on"
+                if isinstance(shared, list) and shared else "")
+        text += f" (the split the training chose its best epoch on{also}: the mIoU is optimistic)"
     return text
 
 

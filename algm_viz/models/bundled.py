@@ -150,7 +150,8 @@ def export_run(checkpoint: str | os.PathLike, folder: str | os.PathLike, thresho
     run = data["config"]
     training = {"epochs": run["epochs"], "best_epoch": data["epoch"], "val_miou": data["val_miou"],
                 "dataset": run["dataset"], "train_split": run["train_split"], "val_split": run["val_split"],
-                "train_sequences": run.get("train_sequences"), "val_sequences": run.get("val_sequences")}
+                "train_sequences": run.get("train_sequences"), "val_sequences": run.get("val_sequences"),
+                "shared_sequences": data.get("shared_sequences")}
     return save_bundled(model, folder, config=data["model_config"], class_names=data["class_names"],
                         colors=data["colors"], thresholds=thresholds, input_size=run["short_side"], training=training)
 

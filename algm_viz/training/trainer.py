@@ -315,14 +315,16 @@ def _evaluate_batches(model: Segmenter, batches: Sequence[tuple[np.ndarray, np.n
     return {"miou": mean, "iou": {name: round(float(v), 2) for name, v in zip(class_names, iou) if not math.isnan(v)}}
 
 
-def _check_disjoint(train_folder: SegmentationFolder, val_folder: SegmentationFolder) -> None:
-    """Raise when the validation set holds a training image; warn when the two share a sequence."""
+def _check_disjoint(train_folder: SegmentationFolder, val_folder: SegmentationFolder) -> list[str]:
+    """Raise when the validation set holds a training image; warn when the two share a sequence. Returns the
+    shared sequences (what a model card says of its validation mIoU)."""
     shared_files = {p.resolve() for p in train_folder.files} & {p.resolve() for p in val_folder.files}
     if shared_files:
         raise ValueError(f"{len(shared_files)} validation images are also training images, e.g. {min(shared_files).name}")
     shared = sorted({sequence_of(p) for p in train_folder.files} & {sequence_of(p) for p in val_folder.files})
     if shared:
         log.warning("training and validation images share sequence(s) %s: the validation mIoU is optimistic", shared)
+    return shared
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -367,8 +369,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     val_root = config.val_root or config.data_root
     val_folder = (open_dataset(config.dataset, val_root, config.val_split, config.class_names, config.val_sequences)
                   if config.val_split else None)
-    if val_folder is not None:
-        _check_disjoint(train_folder, val_folder)
+    shared_sequences = _check_disjoint(train_folder, val_folder) if val_folder is not None else []
     val_batches = _val_batches(val_folder, config.short_side, config.eval_batch_size) if val_folder is not None else []
     augment = Augment(config.crop_size, config.scale_range, config.flip_p, config.jitter)
     train_set = TrainSet(train_folder, config.short_side, augment, config.seed)
@@ -423,7 +424,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                  device=str(device), threads=torch.get_num_threads())
 
     meta = {"model_config": model_config, "config": asdict(config), "class_names": list(train_folder.class_names),
-            "colors": [list(c) for c in train_folder.colors]}
+            "colors": [list(c) for c in train_folder.colors], "shared_sequences": shared_sequences}
     model.train()
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()

@@ -4,6 +4,8 @@ everything, a model that fails to load leaves the page usable, and at 400 px not
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -155,6 +157,35 @@ def _state(page) -> dict:
         "global": page.get_attribute("#global-overlay img", "src"),
         "plot": page.evaluate(_settled_text("#curve-plot")),
     }
+
+
+def test_a_label_map_given_before_its_image_is_kept(url, tmp_path):
+    """Label map first, then the image it belongs to: the map fits the new image and stays (only a map of
+    another size, like the example's, is dropped)."""
+    image = EXAMPLES_DIR / "coffee.png"
+    if not image.is_file():
+        pytest.skip(f"example image {image} is missing")
+    height, width = cv2.imread(str(image)).shape[:2]
+    label = tmp_path / "coffee_label.png"
+    cv2.imwrite(str(label), np.arange(height * width, dtype=np.uint8).reshape(height, width) % 5)
+    with sync_api.sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.goto(url, timeout=TIMEOUT_MS)
+        page.wait_for_function(_has("#readout", "mIoU vs label"), timeout=TIMEOUT_MS)
+        page.locator("#input-label button[aria-label=Clear]").click()  # the example's map off, as a visitor does
+        page.wait_for_function("!" + _has("#readout", "mIoU vs label") + " && " + _has("#readout", "Tokens"),
+                               timeout=TIMEOUT_MS)
+        page.locator("#input-label input[type=file]").set_input_files(str(label))  # refused: not the example's size
+        page.wait_for_timeout(1500)
+        size = f"(({_settled_text('#readout')}).match(/\\d+×\\d+ input/) || [''])[0]"
+        example_size = page.evaluate(size)
+        page.locator("#input-image input[type=file]").set_input_files(str(image))
+        page.wait_for_function(f"old => {size} && {size} !== old", arg=example_size, timeout=TIMEOUT_MS)  # the image's
+        page.wait_for_function(_has("#curve-plot", "τ global varied"), timeout=TIMEOUT_MS)
+        readout = page.evaluate(_settled_text("#readout"))
+        browser.close()
+    assert "mIoU vs label" in readout, readout
 
 
 def test_upload_then_release_tau_updates_overlays_readout_and_plot(url, tmp_path):

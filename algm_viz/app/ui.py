@@ -543,7 +543,7 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                elem_id="input-image")
             with gr.Column():
                 label = LabelFile(label="Optional label map (PNG of class ids) for real mIoU", type="filepath",
-                                file_types=["image"])
+                                file_types=["image"], elem_id="input-label")
                 if streets:
                     gr.Examples(examples=streets, inputs=[image, label], elem_id="street-examples",
                                 label="Street scenes (drawn by this project, with label maps): what the CamVid model knows")
@@ -668,9 +668,6 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
                                  api_visibility="private", trigger_mode="always_last", **work)
         new_image_inputs = [model, *analysed, *algm_inputs[3:]]
         chain(new_image, event_inputs=new_image_inputs)
-        # a visitor's own image drops the label map on the page too (no request; an example sets both, and is
-        # no upload), for the requests that read the inputs after it
-        image.upload(None, None, [label], js="() => null")
         if opening[0]:  # set on load, not as initial values: those would become the API's defaults
             demo.load(None, [image, label], [image, label], js=_files_now(opening))
         inspector_panel.wire(inputs, image, [local_image, global_image],

@@ -167,7 +167,7 @@ def test_a_label_map_given_before_its_image_is_kept(url, tmp_path):
         pytest.skip(f"example image {image} is missing")
     height, width = cv2.imread(str(image)).shape[:2]
     label = tmp_path / "coffee_label.png"
-    cv2.imwrite(str(label), np.arange(height * width, dtype=np.uint8).reshape(height, width) % 5)
+    cv2.imwrite(str(label), (np.arange(height * width) % 5).astype(np.uint8).reshape(height, width))
     with sync_api.sync_playwright() as playwright:
         browser = _browser(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 2200})

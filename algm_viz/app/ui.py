@@ -666,13 +666,13 @@ def build_demo(handlers: Handlers | None = None, gpu_concurrency: int = 1,
         new_image = image.change(analyze_new_image, [*algm_inputs, opening_shown],
                                  [label, *view_outputs, opening_shown, *analysed],
                                  api_visibility="private", trigger_mode="always_last", **work)
-        new_image_inputs = [model, *analysed, *algm_inputs[3:]]
-        chain(new_image, event_inputs=new_image_inputs)
+        analysed_inputs = [model, *analysed, *inputs[3:]]  # ``inputs`` with the image and label map analysed
+        chain(new_image, event_inputs=[*analysed_inputs, global_official])
         if opening[0]:  # set on load, not as initial values: those would become the API's defaults
             demo.load(None, [image, label], [image, label], js=_files_now(opening))
         inspector_panel.wire(inputs, image, [local_image, global_image],
                              [demo.load, label.upload, label.clear, local_tau.release, global_tau.release, window.change,
-                              global_layer.release, prop_attn.change], new_image, new_image_inputs[:len(inputs)], work)
+                              global_layer.release, prop_attn.change], new_image, analysed_inputs, work)
         current_model = gr.State(default)  # the model whose controls and results the page shows
 
         def switch_model(event: Any, public: bool = False) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "alternate_destinations",
     "bipartite_merge",
     "budget_window_merge",
+    "forced_length",
     "global_merge",
     "grid_destinations",
     "local_merge",
@@ -146,6 +147,20 @@ def _merge_from_targets(targets: Tensor, input_mask: Tensor | None) -> Merge:
     if input_mask is not None:
         groups = groups.masked_fill(~input_mask, num_out)
     return Merge(groups, counts, num_out, input_mask)
+
+
+def forced_length(merge: Merge, num_out: int) -> Merge:
+    """The inputs of ``merge`` merged into exactly ``num_out`` tokens per image instead: input ``i`` goes to slot
+    ``min(i, num_out - 1)`` (padding inputs are still discarded). Only for measuring a forward at chosen token
+    counts (:func:`algm_viz.flops.TokenCountFlops`): what follows sees the shapes of a real merge to ``num_out``."""
+    if not 1 <= num_out <= merge.num_in:
+        raise ValueError(f"cannot force {merge.num_in} input tokens to {num_out} outputs")
+    batch, num_in = merge.groups.shape
+    groups = torch.arange(num_in, device=merge.groups.device).clamp_max(num_out - 1).expand(batch, num_in)
+    if merge.input_mask is not None:
+        groups = groups.masked_fill(~merge.input_mask, num_out)
+    counts = torch.full((batch,), num_out, dtype=torch.long, device=merge.counts.device)
+    return Merge(groups.contiguous(), counts, num_out, merge.input_mask, merge.threshold)
 
 
 #: The ``threshold`` of :func:`official_global_merge` that asks for the official code's online rule.

@@ -77,8 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images per forward")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per configuration")
     p.add_argument("--flops-images", type=int, default=-1,
-                   help="GFLOPs averaged over every evaluated image (-1), or over the first N per process (a faster "
-                        "estimate; each row records how many)")
+                   help="GFLOPs averaged over every evaluated image (-1; exact, most of them from the token counts "
+                        "without a counted forward), or over the first N per process (an estimate; each row records how many)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="paired bootstrap resamples over images for the ΔmIoU interval against the baseline (0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap interval")

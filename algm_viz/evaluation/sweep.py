@@ -12,7 +12,9 @@ sums are summed exactly over processes.
 
 Every row of a method carries its difference in pooled mIoU to the baseline with a paired bootstrap
 interval over images (the same seeded resamples of the per-image confusion matrices for every row), and
-GFLOPs and token counts are averaged over every evaluated image unless ``flops_images`` caps them.
+GFLOPs and token counts are averaged over every evaluated image unless ``flops_images`` caps them. The GFLOPs of
+each image are exact without a counted forward for each: :class:`~algm_viz.flops.TokenCountFlops` counts a few
+forwards per configuration and input shape and takes the rest from the token counts the merges left.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..datasets import IGNORE_INDEX, spread_indices
-from ..flops import count_gflops
+from ..flops import TokenCountFlops
 from ..timing import rate_summary, timed
 from .. import methods as engine_methods
 from ..patch import ONLINE, algm_state, find_vit, merging_restored, remove_algm
@@ -65,8 +67,8 @@ class SweepConfig:
         short_side: resize images to this short side; None = the model's ``info.short_side`` or none.
         batch_size: images per forward (at most; a size change ends a batch).
         warmup: untimed forwards on the first batch before each configuration is timed.
-        flops_images: GFLOPs are averaged over the first batches holding at least this many images per process,
-            a faster estimate;
+        flops_images: GFLOPs are averaged over the first batches holding at least this many images per process
+            (an estimate; it saves little since every image's count is exact and cheap);
             None = every evaluated image (each row says how many it averaged over).
         limit: evaluate only ``limit`` images spread over the whole set (:func:`spread_indices`: seeded,
             stratified by file-name prefix); None = all.
@@ -325,6 +327,7 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
     flops = torch.zeros(2, dtype=torch.float64)  # GFLOPs sum, images counted
     rates: list[float] = []
     flops_limit = math.inf if config.flops_images is None else config.flops_images
+    flops_of = TokenCountFlops(model)  # per configuration: its law depends on the stages
     first = True
     batches = _batches(model, dataset, indices, config.batch_size, short_side, device)
     for images, labels in tqdm(batches, desc=description, leave=False, disable=not progress or None,
@@ -348,11 +351,12 @@ def evaluate(model: nn.Module, dataset: Any, config: SweepConfig, context: Conte
             raise RuntimeError(f"{description}: the number of merge stages changed between batches")
         if flops[1] < flops_limit:
             with autocast(images.device, config.dtype):
-                flops += torch.tensor([count_gflops(model, images), images.shape[0]], dtype=torch.float64)
+                flops += torch.tensor([flops_of(images) / 2e9, images.shape[0]], dtype=torch.float64)
         predicted = resized_argmax(logits, labels.shape[-2:])  # never the label-size [B, K, H, W] logits
         per_image.append(confusion_matrices(predicted, labels, num_classes, IGNORE_INDEX).cpu())
         if progress_log is not None:
             progress_log.update(images.shape[0], description)
+    logger.debug("%s: the GFLOPs of %d images from %d counted forwards", description, int(flops[1]), flops_of.counted)
     local = torch.cat(per_image) if per_image else torch.zeros(0, num_classes, num_classes, dtype=torch.long)
     gathered = all_gather_objects((indices, local), context)
     order = torch.tensor([i for ranks_indices, _ in gathered for i in ranks_indices], dtype=torch.long)

@@ -34,7 +34,8 @@ from .stages import (
     ToMeStage,
 )
 from .state import ALGMState
-from .surgery import algm_state, apply_merging, apply_plan, find_vit, merging_disabled, merging_restored, remove_algm
+from .surgery import (algm_state, apply_merging, apply_plan, find_vit, lengths_forced, merging_disabled, merging_restored,
+                      remove_algm)
 
 __all__ = [
     "AUTHOR_DEFAULT_THRESHOLDS",
@@ -64,6 +65,7 @@ __all__ = [
     "group_map",
     "default_thresholds",
     "find_vit",
+    "lengths_forced",
     "merge_before_layer",
     "merging_disabled",
     "merging_restored",

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..merging import Merge
+from ..merging import Merge, forced_length
 from .record import MergeRecord
 from .stages import ALGMConfig, MergeStage, PlanContext, SharePolicy
 
@@ -44,6 +44,8 @@ class ALGMState:
         self.config = config
         self.policy = policy
         self.record: MergeRecord | None = None
+        #: ``{stage name: output length}`` to force (FLOP measurement, :func:`~algm_viz.patch.lengths_forced`).
+        self.forced_lengths: dict[str, int] | None = None
         self.size: Tensor | None = None  # [B, T, 1] patches per token (prefix included), None = all 1
         self.attn_bias: Tensor | None = None  # [B, 1, 1, T] additive attention bias, None = no bias
         self._images: Tensor | None = None
@@ -75,7 +77,10 @@ class ALGMState:
             raise RuntimeError(f"{stage.name} needs the full patch grid: run it before any token-reducing stage")
         context = PlanContext(self.record.grid, self.num_prefix_tokens, self.batch_min, self._images,
                               self._patch_size, self.policy)
-        return stage.plan(metric, size, context)
+        merge = stage.plan(metric, size, context)
+        if self.forced_lengths is not None and stage.name in self.forced_lengths:
+            merge = forced_length(merge, self.forced_lengths[stage.name])
+        return merge
 
     def merge_in_layer(self, layer: int, x: Tensor, keys: Tensor | None = None, *, before_attention: bool = False) -> Tensor:
         """Apply the token-reducing stages of 1-based ``layer`` to ``x`` ``[B, T, C]``.

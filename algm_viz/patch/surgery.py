@@ -9,7 +9,7 @@ while, and take them out.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -22,6 +22,7 @@ __all__ = [
     "apply_merging",
     "apply_plan",
     "find_vit",
+    "lengths_forced",
     "merging_disabled",
     "merging_restored",
     "remove_algm",
@@ -195,3 +196,22 @@ def merging_disabled(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         state.stages = stages
+
+
+@contextmanager
+def lengths_forced(model: nn.Module, lengths: Mapping[str, int]) -> Iterator[None]:
+    """Within the block, each stage named in ``lengths`` still plans its merge (its work is done, e.g. for
+    counting FLOPs) but then leaves exactly that many patch tokens per image (:func:`~algm_viz.merging.forced_length`);
+    the record is the merging state's again on exit."""
+    state = algm_state(model)
+    if state is None:
+        raise RuntimeError("no merging is applied to this model")
+    unknown = set(lengths) - {stage.name for stage in state.stages}
+    if unknown:
+        raise ValueError(f"no stages named {sorted(unknown)}")
+    saved, record = state.forced_lengths, state.record
+    state.forced_lengths = dict(lengths)
+    try:
+        yield
+    finally:
+        state.forced_lengths, state.record = saved, record

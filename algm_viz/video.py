@@ -22,7 +22,7 @@ from torch import nn
 from . import render
 from .animation import CODECS, caption_frame, write_clip
 from .frame_zip import ZIP_FPS, ZipFramesError, ZipLimits, is_zip, list_frames, read_frames
-from .evaluation.inference import default_short_side, prepare, resized_shape
+from .evaluation.inference import class_argmax, default_short_side, prepare, resized_shape
 from .patch import algm_state, apply_algm, group_map, merging_restored, remove_algm
 from .timing import timed
 
@@ -217,8 +217,9 @@ class FrameResult:
 
 
 def _forward(model: nn.Module, tensor: torch.Tensor) -> tuple[np.ndarray, float]:
+    """``[1, 3, H, W]`` -> (``[H, W]`` int16 class map, seconds of the forward itself, the arg-max excluded)."""
     logits, seconds = timed(lambda: model(tensor), tensor.device)
-    return logits.argmax(1)[0].to(torch.int16).cpu().numpy(), seconds
+    return class_argmax(logits)[0].to(torch.int16).cpu().numpy(), seconds
 
 
 def analyze_frames(model: nn.Module, frames: Sequence[np.ndarray], algm: Mapping[str, Any], *,

@@ -23,6 +23,7 @@ from ..datasets import IGNORE_INDEX
 from ..evaluation.balance import attention_balance
 from ..evaluation.metrics import confusion_matrix, miou
 from ..evaluation.compare import OneImage
+from ..evaluation.inference import class_argmax
 from ..evaluation.distributed import Context
 from ..evaluation.sweep import SweepConfig, evaluate, measured_row
 from ..flops import count_gflops
@@ -190,7 +191,7 @@ def run_forward(entry: ModelEntry, images: torch.Tensor, settings: Settings | No
             logits, latency = timed(lambda: entry.model(images), images.device)
         state = algm_state(entry.model)
         maps = MergeMaps.from_record(state.record) if settings is not None else None
-    prediction = logits.argmax(1)[0].to(torch.int16).cpu().numpy()
+    prediction = class_argmax(logits)[0].to(torch.int16).cpu().numpy()
     return ForwardResult(prediction, latency, maps, capture)
 
 

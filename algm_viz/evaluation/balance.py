@@ -23,7 +23,7 @@ from ..capture import ATTENTION_INPUT, block_tokens
 from ..datasets import IGNORE_INDEX
 from ..patch import ALGMConfig, algm_state, find_vit
 from ..patch.state import MASKED_BIAS
-from .inference import merging_disabled, prepare, prepare_labelled
+from .inference import class_argmax, merging_disabled, prepare, prepare_labelled
 from .tokens import merge_before_layer, patch_class_counts, token_class_counts, token_classes
 
 __all__ = ["attention_balance", "aggregate_balance", "dataset_balance", "default_balance_layers", "summarize"]
@@ -209,7 +209,7 @@ def dataset_balance(
         if labels == "pred" or label is None:
             x = prepare(model, image, short_side, device)
             with merging_disabled(model), torch.inference_mode():
-                target = model(x).argmax(1)
+                target = class_argmax(model(x))
         else:
             x, target = prepare_labelled(model, image, label, short_side, device, "the attention balance")
         per_image.append(attention_balance(model, x, target, num_classes, layer=layer))

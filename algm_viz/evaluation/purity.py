@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..datasets import IGNORE_INDEX
 from ..merging import Merge
 from ..patch import MergeRecord, algm_state, apply_algm, find_vit, merging_restored, remove_algm
-from .inference import prepare_labelled
+from .inference import class_argmax, prepare_labelled
 from .tokens import patch_class_counts, token_classes
 
 __all__ = ["stage_merges", "mixed_groups", "purity_counts", "attribution_counts", "add_counts", "summarize",
@@ -201,10 +201,10 @@ def purity_analysis(
             x, labels = prepare_labelled(model, image, label, short_side, device, "merge purity")
             patch_counts = patch_class_counts(labels, patch, num_classes, ignore_index)
             remove_algm(model)
-            baseline = model(x).argmax(1)
+            baseline = class_argmax(model(x))
             for index, tau in enumerate(taus):
                 apply_algm(model, local_layer, global_layer, window, tau, tau)
-                merged = model(x).argmax(1)
+                merged = class_argmax(model(x))
                 record = algm_state(model).record
                 merges = stage_merges(record)
                 final = merges[record.stages[-1][0]]

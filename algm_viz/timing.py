@@ -2,20 +2,27 @@
 
 :func:`time_call` times one call repeatedly (benchmarks); :func:`timed` times one call and keeps its result
 (evaluation loops, the app), and :func:`rate_summary` summarises the rates such loops collect.
+:func:`engine_range` marks the engine's own work in a forward (merging, clustering, unmerging) as an ``algm.*``
+profiler range, and :func:`engine_clock` adds up the wall time spent in those ranges without the profiler.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-__all__ = ["Timing", "time_call", "time_once", "timed", "rate_summary", "synchronize"]
+__all__ = ["Timing", "engine_clock", "engine_range", "time_call", "time_once", "timed", "rate_summary", "synchronize"]
 
 T = TypeVar("T")
+
+#: Seconds per engine range of the active :func:`engine_clock`, or None.
+_ENGINE_SECONDS: ContextVar[dict[str, float] | None] = ContextVar("algm_engine_seconds", default=None)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -84,3 +91,33 @@ def rate_summary(rates: Sequence[float], scale: float = 1.0) -> dict[str, float]
         return {"median": float("nan"), "p25": float("nan"), "p75": float("nan"), "samples": 0}
     summary = Timing.from_samples([float(rate) * scale for rate in rates])
     return {"median": summary.median, "p25": summary.p25, "p75": summary.p75, "samples": summary.repeats}
+
+
+@contextmanager
+def engine_range(name: str) -> Iterator[None]:
+    """The profiler range ``algm.<name>`` around the engine's work, also timed by an active :func:`engine_clock`."""
+    with torch.profiler.record_function(f"algm.{name}"):
+        seconds = _ENGINE_SECONDS.get()
+        if seconds is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def engine_clock() -> Iterator[dict[str, float]]:
+    """While active, ``{range name: wall seconds}`` of the :func:`engine_range` work of this thread's forwards.
+
+    A wall clock with no profiler attached, so the engine and the forward around it are timed alike (the
+    profiler's per-operator cost falls mostly on the engine's many small operators). On CUDA, kernels run
+    asynchronously and the wall time of a range is not theirs: use the profiler's device times there."""
+    seconds: dict[str, float] = {}
+    token = _ENGINE_SECONDS.set(seconds)
+    try:
+        yield seconds
+    finally:
+        _ENGINE_SECONDS.reset(token)

@@ -2,8 +2,9 @@
 
 Each image's reference is the unmerged model's own prediction (so quality is the *agreement* mIoU, not
 the mIoU against ground truth); the sweep's code measures every method over its knob values on the same
-images. Then, for each ``--overhead METHOD:VALUE``, the time inside the engine (``algm.*`` profiler
-ranges: clustering, merging, reconstruction) against the whole forward, on the first images.
+images. Then, for each ``--overhead METHOD:VALUE``, the time inside the engine (its ``algm.*`` ranges:
+clustering, merging, reconstruction; a wall clock on the CPU, :func:`~algm_viz.evaluation.bench.engine_ms`) against
+the whole forward, on the first images.
 
     OMP_NUM_THREADS=1 python scripts/agreement_pareto.py --limit 20 --methods tome,expedite,ailurus \\
         --overhead expedite:0.4 ailurus:0.4 tome:32 --out agreement.json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from algm_viz.cli import main
 from algm_viz.flops import count_gflops
 from algm_viz.models import create_segmenter
 from algm_viz.models.bundled import save_bundled
-from algm_viz.timing import time_call
+from algm_viz.evaluation.bench import engine_ms
+from algm_viz.patch import apply_algm, remove_algm
+from algm_viz.timing import engine_clock, engine_range, time_call
 
 import timm.layers
 
@@ -42,6 +45,34 @@ def test_time_call_reports_ordered_quantiles():
     assert timing.p25 <= timing.median <= timing.p75 and timing.repeats == 5
     with pytest.raises(ValueError):
         time_call(lambda: None, "cpu", repeats=0)
+
+
+def test_engine_clock_adds_up_the_wall_time_of_each_engine_range():
+    with engine_range("unmerge"):  # no clock: nothing is kept
+        pass
+    with engine_clock() as seconds:
+        with engine_range("unmerge"):
+            time.sleep(0.02)
+        with engine_range("unmerge"):
+            time.sleep(0.01)
+        with engine_range("local_merge"):
+            pass
+    with engine_range("unmerge"):  # the clock has stopped
+        time.sleep(0.02)
+    assert set(seconds) == {"unmerge", "local_merge"}
+    assert 0.03 <= seconds["unmerge"] < 0.05 and seconds["local_merge"] < seconds["unmerge"]
+
+
+def test_engine_ms_is_the_time_of_the_merging_model_s_engine_ranges():
+    model = create_segmenter("vit_tiny_patch16_384", num_classes=3, image_size=64, depth=6, embed_dim=64, num_heads=2).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        assert engine_ms(model, images) == 0.0  # no merging, no engine
+        apply_algm(model, local_threshold=0.0, global_threshold=0.0)
+        with engine_clock() as seconds:
+            model(images)
+        remove_algm(model)
+    assert {"clap_merge", "gbm_merge", "unmerge"} <= set(seconds) and all(s > 0 for s in seconds.values())
 
 
 def test_bench_command_prints_side_by_side_rows(capsys):

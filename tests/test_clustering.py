@@ -138,6 +138,49 @@ def test_reconstruction_of_tokens_equal_to_their_centres_is_exact(k):
     assert (merge.groups == neighbour_cells(grid, cells, 0)[0][:, 0]).all()
 
 
+def reference_local_kmeans(tokens: torch.Tensor, grid: tuple[int, int], cells: tuple[int, int], radius: int,
+                           iterations: int, temperature: float) -> torch.Tensor:
+    """One image ``[N, C]`` (float64), written from the definition with Python loops: the final ``[N, M]`` soft
+    assignment (0 outside a token's candidate cells)."""
+    (height, width), (h, w) = grid, cells
+    x = tokens - tokens.mean(0)
+    x = x / x.pow(2).sum(1).mean().sqrt()
+    centres = torch.nn.functional.adaptive_avg_pool2d(x.T.reshape(1, -1, height, width), cells)[0].flatten(1).T.clone()
+    near = [[(r * h // height + dr) * w + c * w // width + dc for dr in range(-radius, radius + 1)
+             for dc in range(-radius, radius + 1)
+             if 0 <= r * h // height + dr < h and 0 <= c * w // width + dc < w]
+            for r in range(height) for c in range(width)]
+
+    def assignment() -> torch.Tensor:
+        soft = torch.zeros(len(near), h * w, dtype=x.dtype)
+        for n, candidates in enumerate(near):
+            distance = torch.stack([(x[n] - centres[m]).pow(2).sum() for m in candidates])
+            soft[n, candidates] = (-distance / temperature).softmax(0)
+        return soft
+
+    for _ in range(iterations):
+        soft = assignment()
+        for m in range(h * w):
+            if soft[:, m].sum() > 0:
+                centres[m] = (soft[:, m, None] * x).sum(0) / soft[:, m].sum()
+    return assignment()
+
+
+@pytest.mark.parametrize("grid, cells, radius", [((5, 7), (3, 4), 1), ((6, 4), (2, 3), 2), ((4, 9), (4, 2), 0), ((3, 5), (3, 5), 1)])
+def test_local_kmeans_matches_a_reference(grid, cells, radius):
+    tokens = torch.randn(2, grid[0] * grid[1], 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    merge = local_kmeans(tokens, grid, cells, radius=radius, iterations=3, temperature=0.5)
+    means, mass = merge.merge(tokens.float())
+    for b in range(2):
+        dense = torch.zeros(grid[0] * grid[1], cells[0] * cells[1], dtype=torch.float64)
+        dense.scatter_add_(1, merge.candidates, merge.affinity[b].double())
+        expected = reference_local_kmeans(tokens[b], grid, cells, radius, iterations=3, temperature=0.5)
+        torch.testing.assert_close(dense, expected, atol=1e-5, rtol=0)
+        # merging takes the affinity-weighted means of the tokens, as the centres do
+        torch.testing.assert_close(means[b].double(), dense.T @ tokens[b] / dense.sum(0)[:, None], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mass[b, :, 0].double(), dense.sum(0), atol=1e-5, rtol=0)
+
+
 def test_hard_clusters_unfold_every_patch_to_its_cluster():
     grid = (5, 7)
     tokens = torch.randn(3, 35, 4)

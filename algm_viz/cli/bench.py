@@ -4,8 +4,8 @@ For the baseline and for ALGM at each τ: wall time per image (median and quarti
 synchronised calls after warm-up, the configurations interleaved round by round) end to end (logits at the input size) and for the network alone
 (``decoder_logits``: the logits before the final bilinear upsampling, a fixed cost that no FLOP count
 includes), images/s, GFLOPs (attention counted), tokens after each stage, and the time spent in the
-engine itself (similarities, index building, merge, unmerge), measured with ``torch.profiler`` over
-the ``algm.*`` ranges (:mod:`algm_viz.evaluation.bench`).
+engine itself (similarities, index building, merge, unmerge) in the ``algm.*`` ranges: a wall clock on the CPU,
+the profiler's device times on CUDA (:mod:`algm_viz.evaluation.bench`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ For the baseline and for ALGM at each τ: wall time per image (median and quarti
 synchronised calls after warm-up, the configurations interleaved round by round) end to end (logits at the input size) and for the network alone
 (``decoder_logits``: the logits before the final bilinear upsampling, a fixed cost that no FLOP count
 includes), images/s, GFLOPs (attention counted), tokens after each stage, and the time spent in the
-engine itself (similarities, index building, merge, unmerge), measured with ``torch.profiler`` over
-the ``algm.*`` ranges.
+engine itself (similarities, index building, merge, unmerge) in the ``algm.*`` ranges (a wall clock on the CPU,
+the profiler's device times on CUDA).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..datasets import read_image
 from ..flops import count_gflops
 from ..patch import algm_state, apply_algm, remove_algm
 from ..preprocess import normalize
-from ..timing import Timing, synchronize, time_once
+from ..timing import Timing, engine_clock, synchronize, time_once
 from .sweep import AUTO
 
 __all__ = ["describe", "engine_ms", "image_batch", "run_benchmark", "synthetic_scenes"]
@@ -67,19 +67,20 @@ def _quiet_native_stderr() -> Iterator[None]:
 
 
 def engine_ms(model: nn.Module, images: torch.Tensor, forwards: int = 3) -> float:
-    """Milliseconds per forward spent inside the ``algm.*`` profiler ranges (mean of ``forwards``)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    on_cuda = images.device.type == "cuda"
-    if on_cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    """Milliseconds per forward spent inside the engine's ``algm.*`` ranges (mean of ``forwards``): on the CPU by
+    :func:`~algm_viz.timing.engine_clock` (wall time, no profiler: timed as the forward is), on CUDA by the
+    profiler's device time of the ranges."""
+    if images.device.type != "cuda":
+        with engine_clock() as seconds:
+            for _ in range(forwards):
+                model(images)
+        return 1e3 * sum(seconds.values()) / forwards
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with _quiet_native_stderr(), torch.profiler.profile(activities=activities) as profiler:
         for _ in range(forwards):
             model(images)
         synchronize(images.device)
-    total_us = 0.0
-    for event in profiler.key_averages():
-        if event.key.startswith("algm."):
-            total_us += event.device_time_total if on_cuda else event.cpu_time_total
+    total_us = sum(event.device_time_total for event in profiler.key_averages() if event.key.startswith("algm."))
     return total_us / 1e3 / forwards
 
 

@@ -21,6 +21,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..patch import algm_state, merging_restored, remove_algm
+from ..timing import engine_range
 from .decoders import AttentionToMask, SETRNaive, SETRProgressive
 from .description import ModelInfo
 
@@ -187,7 +188,7 @@ class Segmenter(nn.Module):
                 raise RuntimeError("a decoder that runs on merged tokens must return [B, T, K] scores, not a map")
             return scores
         if final is not None:
-            with torch.profiler.record_function("algm.unmerge"):
+            with engine_range("unmerge"):
                 scores = final.unmerge(scores)
         # Contiguous NCHW: bilinear upsampling of the channels-last view is ~3x slower on CPU.
         return scores.transpose(1, 2).reshape(scores.shape[0], self.num_classes, *grid).contiguous()

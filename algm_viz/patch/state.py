@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..merging import Merge, forced_length
+from ..timing import engine_range
 from .record import MergeRecord
 from .stages import ALGMConfig, MergeStage, PlanContext, SharePolicy
 
@@ -93,7 +94,7 @@ class ALGMState:
 
     def _merge(self, stage: MergeStage, x: Tensor, keys: Tensor | None) -> Tensor:
         prefix = self.num_prefix_tokens
-        with torch.profiler.record_function(f"algm.{stage.kind}_merge"):
+        with engine_range(f"{stage.kind}_merge"):
             merge = self.plan(stage, x if stage.metric == "tokens" else keys, self.size)
             patch_size = None if self.size is None else self.size[:, prefix:]
             patches, patch_size = merge.merge(x[:, prefix:], patch_size)
@@ -113,7 +114,7 @@ class ALGMState:
         prefix, (batch, heads, _, dim) = self.num_prefix_tokens, k.shape
         size = self.size if self.size is not None else k.new_ones(batch, k.shape[2], 1)
         for stage in self.stages_at(layer, kv_only=True):
-            with torch.profiler.record_function(f"algm.{stage.kind}_kv_merge"):
+            with engine_range(f"{stage.kind}_kv_merge"):
                 merge = self.plan(stage, tokens if stage.metric == "tokens" else keys, size)
                 flat = torch.cat([k[:, :, prefix:], v[:, :, prefix:]], dim=1)  # [B, 2h, N, d]
                 flat = flat.permute(0, 2, 1, 3).reshape(batch, -1, 2 * heads * dim)
@@ -146,5 +147,5 @@ class ALGMState:
         if final is None:
             return tokens
         prefix = self.num_prefix_tokens
-        with torch.profiler.record_function("algm.unmerge"):
+        with engine_range("unmerge"):
             return torch.cat([tokens[:, :prefix], final.unmerge(tokens[:, prefix:])], dim=1)

@@ -294,6 +294,7 @@ def _grid_distance(grid: tuple[int, int], device: torch.device | str | None) -> 
     return torch.cdist(position, position) / math.hypot(height, width)
 
 
+@torch.no_grad()  # a hard assignment: nothing to differentiate, and the distances are updated in place
 def density_peaks_clusters(
     tokens: Tensor,
     grid: tuple[int, int],
@@ -327,10 +328,12 @@ def density_peaks_clusters(
     x = tokens.float()
     x = x / _token_spread(x)
     squared_norm = x.pow(2).sum(-1)
-    # One matrix product (so FLOP counts see it), clamped against rounding below 0.
-    distance = (squared_norm[:, :, None] + squared_norm[:, None, :] - 2.0 * x @ x.transpose(1, 2)).clamp_min(0.0).sqrt()
+    # One matrix product (so FLOP counts see it), then in place (each [B, N, N] pass allocates nothing),
+    # clamped against rounding below 0.
+    distance = x @ x.transpose(1, 2)
+    distance.mul_(-2.0).add_(squared_norm[:, :, None]).add_(squared_norm[:, None, :]).clamp_min_(0.0).sqrt_()
     if spatial_weight > 0:
-        distance = distance + spatial_weight * _grid_distance((height, width), tokens.device)
+        distance.add_(_grid_distance((height, width), tokens.device), alpha=spatial_weight)
     neighbours = min(k, num_tokens - 1)
     if neighbours > 0:
         nearest = distance.topk(neighbours + 1, dim=-1, largest=False).values[..., 1:]  # self excluded

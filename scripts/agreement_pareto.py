@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from algm_viz.evaluation.bench import engine_ms
+from algm_viz.evaluation.bench import engine_share
 from algm_viz.evaluation.compare import parse_spec
 from algm_viz.datasets import open_dataset, spread_indices
 from algm_viz.evaluation.inference import default_short_side, predict_logits, prepare
@@ -36,7 +35,6 @@ from algm_viz.methods import METHODS, apply_method
 from algm_viz.models.loading import load_model
 from algm_viz.patch import merging_restored, remove_algm
 from algm_viz.plots import pareto_figure, rows_to_csv, write_html
-from algm_viz.timing import time_call
 
 log = logging.getLogger("agreement_pareto")
 
@@ -69,19 +67,14 @@ class Agreement:
 @torch.inference_mode()
 def overhead(model: nn.Module, images: Sequence[np.ndarray], spec: tuple[str, float], short_side: int | None,
              repeats: int) -> dict[str, Any]:
-    """Median forward ms, median engine ms and their ratio over ``images`` for ``spec = (method, value)``."""
+    """Median forward ms, median engine ms and their ratio over ``images`` for ``spec = (method, value)``
+    (:func:`~algm_viz.evaluation.bench.engine_share`)."""
     method, value = spec
-    forward, engine = [], []
     with merging_restored(model):
         apply_method(model, method, value)
-        for image in images:
-            batch = prepare(model, image, short_side, torch.device("cpu"))
-            forward.append(time_call(lambda: model(batch), "cpu", repeats=repeats, warmup=1).median * 1e3)
-            engine.append(engine_ms(model, batch, forwards=repeats))
-    fractions = [e / f for e, f in zip(engine, forward)]
-    return {"method": method, "value": value, "forward_ms": statistics.median(forward),
-            "engine_ms": statistics.median(engine), "engine_fraction": statistics.median(fractions),
-            "images": len(images)}
+        batches = [prepare(model, image, short_side, torch.device("cpu")) for image in images]
+        share = engine_share(model, batches, repeats)
+    return {"method": method, "value": value, **share, "images": len(images)}
 
 
 def register_variant(text: str) -> str:

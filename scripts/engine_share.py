@@ -4,29 +4,27 @@
 
 The model has random weights (the clustering, matching and merging cost the same whatever the weights); its input
 is ``--images`` ADE20K sample images from ``--data`` resized to ``--size``² (synthetic scenes where the folder is
-absent). For each ``METHOD:VALUE`` of ``--methods``: the median forward time (:func:`~algm_viz.timing.time_call`) and
-the median engine time (:func:`~algm_viz.evaluation.bench.engine_ms`: a wall clock over the ``algm.*`` ranges on the
-CPU) over the images. Prints one JSON line per method.
+absent). For each ``METHOD:VALUE`` of ``--methods``: the median forward time, the median engine time (a wall clock
+over the ``algm.*`` ranges on the CPU) and the median of their per-image ratio
+(:func:`~algm_viz.evaluation.bench.engine_share`). Prints one JSON line per method.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from algm_viz.evaluation.bench import engine_ms
+from algm_viz.evaluation.bench import engine_share
 from algm_viz.evaluation.inference import prepare
 from algm_viz.methods import apply_method
 from algm_viz.models import create_segmenter
 from algm_viz.patch import merging_restored
 from algm_viz.scenes import street_scene
-from algm_viz.timing import time_call
 
 DEFAULT_METHODS = ["expedite:0.4", "ailurus:0.4", "ailurus_prop:0.65", "tome:28", "algm:0.9"]
 
@@ -54,18 +52,12 @@ def main() -> None:
     images, source = load_images(args.data, args.images, args.size)
     for spec in args.methods:
         method, _, value = spec.partition(":")
-        forward, engine = [], []
         with merging_restored(model), torch.inference_mode():
             apply_method(model, method, float(value))
-            for image in images:
-                x = prepare(model, image, None, "cpu")
-                forward.append(1e3 * time_call(lambda: model(x), "cpu", repeats=args.repeats, warmup=1).median)
-                engine.append(engine_ms(model, x, forwards=args.repeats))
+            share = engine_share(model, [prepare(model, image, None, "cpu") for image in images], args.repeats)
         print(json.dumps({"backbone": args.backbone, "size": args.size, "images": source, "threads": torch.get_num_threads(),
-                          "method": method, "value": float(value), "forward_ms": round(statistics.median(forward), 1),
-                          "engine_ms": round(statistics.median(engine), 2),
-                          "share": round(statistics.median(engine) / statistics.median(forward), 4)}))
-
+                          "method": method, "value": float(value), "forward_ms": round(share["forward_ms"], 1),
+                          "engine_ms": round(share["engine_ms"], 2), "share": round(share["engine_fraction"], 4)}))
 
 if __name__ == "__main__":
     main()

@@ -34,13 +34,17 @@ from playwright import sync_api
 from algm_viz.serving import CHROMIUM, CHROMIUM_ARGS, VIEW_PICTURES_SHOWN, AppServer
 
 
+#: Page expressions: the readout is rendered; it holds the example's results.
+READOUT_RENDERED = "!!document.querySelector('#readout')"
+READOUT_RESULTS = "(document.querySelector('#readout')?.innerText || '').includes('Tokens')"
+
 #: Installed before the page's scripts: ``window.__painted[key]`` = ``performance.now()`` of the first animation
 #: frame in which each condition held (``plot_count_N``: the frame in which N Plotly plots were first drawn).
 PAINT_PROBE = """(() => {
   const painted = window.__painted = {};
   const conditions = {
-    rendered: () => !!document.querySelector('#readout'),
-    results: () => (document.querySelector('#readout')?.innerText || '').includes('Tokens'),
+    rendered: () => %s,
+    results: () => %s,
     pictures: () => %s,
   };
   const frame = () => {
@@ -51,7 +55,7 @@ PAINT_PROBE = """(() => {
     requestAnimationFrame(frame);
   };
   requestAnimationFrame(frame);
-})()""" % VIEW_PICTURES_SHOWN
+})()""" % (READOUT_RENDERED, READOUT_RESULTS, VIEW_PICTURES_SHOWN)
 
 
 def measure_load(url: str, timeout_ms: int = 120_000, plots_settle_s: float = 3.0) -> dict[str, float]:
@@ -67,8 +71,7 @@ def measure_load(url: str, timeout_ms: int = 120_000, plots_settle_s: float = 3.
         dom = time.perf_counter()
         page.wait_for_selector("#readout", state="attached", timeout=timeout_ms)
         rendered = time.perf_counter()
-        page.wait_for_function("(document.querySelector('#readout')?.innerText || '').includes('Tokens')",
-                               timeout=timeout_ms, polling=20)
+        page.wait_for_function(READOUT_RESULTS, timeout=timeout_ms, polling=20)
         results = time.perf_counter()
         page.wait_for_function(VIEW_PICTURES_SHOWN, timeout=timeout_ms, polling=20)
         pictures = time.perf_counter()

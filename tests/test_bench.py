@@ -12,7 +12,7 @@ from algm_viz.cli import main
 from algm_viz.flops import count_gflops
 from algm_viz.models import create_segmenter
 from algm_viz.models.bundled import save_bundled
-from algm_viz.evaluation.bench import engine_ms
+from algm_viz.evaluation.bench import engine_ms, engine_share
 from algm_viz.patch import apply_algm, remove_algm
 from algm_viz.timing import engine_clock, engine_range, time_call
 
@@ -71,8 +71,10 @@ def test_engine_ms_is_the_time_of_the_merging_model_s_engine_ranges():
         apply_algm(model, local_threshold=0.0, global_threshold=0.0)
         with engine_clock() as seconds:
             model(images)
+        share = engine_share(model, [images, images[..., :64]], repeats=1)
         remove_algm(model)
     assert {"clap_merge", "gbm_merge", "unmerge"} <= set(seconds) and all(s > 0 for s in seconds.values())
+    assert share["engine_ms"] > 0 and 0 < share["engine_fraction"] < 1 and share["engine_ms"] < share["forward_ms"]
 
 
 def test_bench_command_prints_side_by_side_rows(capsys):

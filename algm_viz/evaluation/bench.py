@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import cv2
 import torch
@@ -24,10 +25,10 @@ from ..datasets import read_image
 from ..flops import count_gflops
 from ..patch import algm_state, apply_algm, remove_algm
 from ..preprocess import normalize
-from ..timing import Timing, engine_clock, synchronize, time_once
+from ..timing import Timing, engine_clock, synchronize, time_call, time_once
 from .sweep import AUTO
 
-__all__ = ["describe", "engine_ms", "image_batch", "run_benchmark", "synthetic_scenes"]
+__all__ = ["describe", "engine_ms", "engine_share", "image_batch", "run_benchmark", "synthetic_scenes"]
 
 
 def synthetic_scenes(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -82,6 +83,19 @@ def engine_ms(model: nn.Module, images: torch.Tensor, forwards: int = 3) -> floa
         synchronize(images.device)
     total_us = sum(event.device_time_total for event in profiler.key_averages() if event.key.startswith("algm."))
     return total_us / 1e3 / forwards
+
+
+def engine_share(model: nn.Module, images: Sequence[torch.Tensor], repeats: int = 3) -> dict[str, float]:
+    """The engine's share of ``model``'s forward as configured now, over ``images`` (``[1, 3, H, W]`` each, one
+    device): ``{"forward_ms", "engine_ms", "engine_fraction"}``, the medians over the images of the forward's median
+    time (:func:`~algm_viz.timing.time_call`, ``repeats`` calls after one warm-up), of :func:`engine_ms` over
+    ``repeats`` forwards, and of their per-image ratio."""
+    forward, engine = [], []
+    for batch in images:
+        forward.append(1e3 * time_call(lambda: model(batch), batch.device, repeats=repeats, warmup=1).median)
+        engine.append(engine_ms(model, batch, forwards=repeats))
+    return {"forward_ms": statistics.median(forward), "engine_ms": statistics.median(engine),
+            "engine_fraction": statistics.median(e / f for e, f in zip(engine, forward))}
 
 
 def describe(model: nn.Module, images: torch.Tensor, e2e: Timing, network: Timing) -> dict[str, Any]:

@@ -20,8 +20,11 @@ Shapes: ``B`` images, ``N = H * W`` patch tokens row-major on ``grid = (H, W)``,
 Distances are Euclidean in units of the image's token spread ``s`` (``s² = mean ||x - x̄||²`` over its
 tokens): the official Expedite code weighs by ``exp(-||x - c||² / T)`` with a fixed ``T`` on raw features;
 dividing by ``s²`` keeps τ independent of a model's feature scale, and, unlike cosine similarity, of the
-component all tokens share. Both merges say ``restore_in_encoder = True``: the engine restores the full
-token set at the encoder output, before the decoder, as both papers do.
+component all tokens share. Where the full token set comes back is the merge's ``restore_in_encoder``: True
+restores it at the encoder output, before any decoder; False restores it where the model unmerges, after a
+transformer decoder (which then runs on the clusters) or before a dense one. :func:`local_kmeans` defaults to
+False, as the official Expedite Segmenter code (its mask transformer decodes the clusters, and the token
+reconstruction rebuilds every patch's mask logits); :func:`density_peaks_clusters` to True.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import Tensor
 from .merging import Merge
 
 __all__ = [
-    "CellBands",
+    "CellTiles",
     "ClusterMerge",
     "SoftClusterMerge",
     "ailurus_planner",
@@ -57,20 +60,32 @@ class ClusterMerge(Merge):
     restore_in_encoder: bool = True
 
 
+def _runs(cell_of: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Patch rows (or columns) by the run of cells they fall in: ``cell_of`` ``[L]`` non-decreasing in ``0..count-1``
+    (every run non-empty). Returns (``[count]`` first index of each run, ``[count, R]`` its indices, the last one
+    repeated to pad to the longest run ``R``)."""
+    length = torch.bincount(cell_of, minlength=count)
+    first = torch.cumsum(length, 0) - length
+    steps = torch.arange(int(length.max()), device=cell_of.device)
+    return first, first[:, None] + torch.minimum(steps, length[:, None] - 1)
+
+
 @dataclass(frozen=True)
-class CellBands:
-    """The token-centre pairs of a local k-means, by bands of cell rows, so that each band is one small dense product.
+class CellTiles:
+    """The token-centre pairs of a local k-means, by tiles of cells, so that each tile is one small dense product.
 
-    A token whose cell lies in cell row ``r`` has its candidates in cell rows ``r - radius .. r + radius``: band ``r``
-    pairs the tokens of cell row ``r`` (``T`` slots: their patch rows × ``W``, the last row repeated to pad) with the
-    centres of those cell rows (``S = (2·radius + 1)·w`` slots, rows off the grid clamped; their pairs are invalid
-    candidates). Work per step ``O(N·S·C)`` instead of ``O(N·M·C)`` for all token-centre pairs.
+    Tiles are ``1 × q`` blocks of cells (one cell row, ``q`` cell columns). A token whose cell lies in cell row ``r``
+    and cell column ``c`` has its candidates in cell rows ``r - radius .. r + radius`` and columns
+    ``c - radius .. c + radius``: tile ``(r, j)`` pairs the tokens of its cells (``T`` slots: their patch rows ×
+    patch columns, the last row and column repeated to pad) with the centres of the cells around the tile
+    (``S = (2·radius + 1)·(q + 2·radius)`` slots, cells off the grid clamped; their pairs are invalid candidates).
+    Work per step ``O(N·S·C)`` instead of ``O(N·M·C)`` for all token-centre pairs.
 
-    Attributes (``h`` bands):
-        tokens: ``[h, T]`` long, the token in each token slot.
-        centres: ``[h, S]`` long, the cluster in each centre slot.
+    Attributes (``G = h · ⌈w / q⌉`` tiles):
+        tokens: ``[G, T]`` long, the token in each token slot.
+        centres: ``[G, S]`` long, the cluster in each centre slot.
         pairs: ``[N, K]`` long, where each token's ``K`` candidates (in :func:`neighbour_cells`' order) sit in the
-            flattened ``[h, T, S]`` band products.
+            flattened ``[G, T, S]`` tile products.
     """
 
     tokens: Tensor
@@ -79,50 +94,53 @@ class CellBands:
 
     @classmethod
     def build(cls, grid: tuple[int, int], cells: tuple[int, int], radius: int,
-              device: torch.device | str | None = None) -> "CellBands":
-        """The bands of a ``grid = (H, W)`` patch grid clustered onto ``cells = (h, w)`` (``h <= H``, ``w <= W``)."""
+              device: torch.device | str | None = None, block: int = 4) -> "CellTiles":
+        """The tiles of ``block`` cells of a ``grid = (H, W)`` patch grid clustered onto ``cells = (h, w)``
+        (``h <= H``, ``w <= W``)."""
         (height, width), (h, w) = grid, cells
-        cell_row = torch.arange(height, device=device) * h // height  # [H], as in neighbour_cells
-        rows_in_band = torch.bincount(cell_row, minlength=h)  # >= 1 each, as h <= H
-        first_row = torch.cumsum(rows_in_band, 0) - rows_in_band
-        slot_rows = first_row[:, None] + torch.minimum(torch.arange(int(rows_in_band.max()), device=device),
-                                                       rows_in_band[:, None] - 1)  # [h, R]
-        columns = torch.arange(width, device=device)
-        tokens = (slot_rows[:, :, None] * width + columns).reshape(h, -1)  # [h, T]
+        block = max(1, min(int(block), w))
+        blocks = -(-w // block)
+        rows, columns = torch.arange(height, device=device), torch.arange(width, device=device)
+        cell_row, cell_col = rows * h // height, columns * w // width  # as in neighbour_cells
+        first_row, slot_rows = _runs(cell_row, h)  # [h], [h, R]
+        first_col, slot_cols = _runs(cell_col // block, blocks)  # [J], [J, Q]
+        tokens = slot_rows[:, None, :, None] * width + slot_cols[None, :, None, :]  # [h, J, R, Q]
         offsets = torch.arange(-radius, radius + 1, device=device)
         centre_rows = (torch.arange(h, device=device)[:, None] + offsets).clamp(0, h - 1)  # [h, 2r + 1]
-        centres = (centre_rows[:, :, None] * w + torch.arange(w, device=device)).reshape(h, -1)  # [h, S]
-        rows = torch.arange(height, device=device)[:, None].expand(height, width)
-        band = cell_row[rows]  # [H, W]
-        token_slot = (rows - first_row[band]) * width + columns
-        cell_col = columns * w // width
-        centre_slot = (offsets[:, None] + radius) * w + (cell_col[:, None, None] + offsets).clamp(0, w - 1)  # [W, dr, dc]
-        pairs = (band * tokens.shape[1] + token_slot)[..., None, None] * centres.shape[1] + centre_slot
-        return cls(tokens, centres, pairs.reshape(height * width, -1))
+        span = torch.arange(block + 2 * radius, device=device) - radius
+        centre_cols = (torch.arange(blocks, device=device)[:, None] * block + span).clamp(0, w - 1)  # [J, q + 2r]
+        centres = centre_rows[:, None, :, None] * w + centre_cols[None, :, None, :]  # [h, J, 2r + 1, q + 2r]
+        tile = cell_row[:, None] * blocks + (cell_col // block)[None, :]  # [H, W]
+        token_slot = (rows - first_row[cell_row])[:, None] * slot_cols.shape[1] + (columns - first_col[cell_col // block])
+        centre_slot = ((offsets[:, None] + radius) * span.numel()
+                       + (cell_col % block + radius)[:, None, None] + offsets)  # [W, dr, dc]
+        num_tokens, num_centres = slot_rows.shape[1] * slot_cols.shape[1], span.numel() * offsets.numel()
+        pairs = (tile * num_tokens + token_slot)[..., None, None] * num_centres + centre_slot
+        return cls(tokens.reshape(h * blocks, -1), centres.reshape(h * blocks, -1), pairs.reshape(height * width, -1))
 
     def token_slots(self, x: Tensor) -> Tensor:
-        """``[B, N, C]`` -> ``[B, h, T, C]`` the tokens in their band slots."""
+        """``[B, N, C]`` -> ``[B, G, T, C]`` the tokens in their tile slots."""
         return x[:, self.tokens]
 
     def dot(self, x_slots: Tensor, centres: Tensor) -> Tensor:
         """``[B, N, K]`` products of each token with its candidate centres (``x_slots`` from :meth:`token_slots`,
         ``centres`` ``[B, M, C]``)."""
-        products = x_slots @ centres[:, self.centres].transpose(-1, -2)  # [B, h, T, S]
+        products = x_slots @ centres[:, self.centres].transpose(-1, -2)  # [B, G, T, S]
         return products.flatten(1)[:, self.pairs]
 
     def weighted_mean(self, weight: Tensor, x_slots: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
         """Per cluster, the ``weight``-weighted mean of the tokens that have it among their candidates.
 
-        weight: ``[B, N, K]`` on the candidates; x_slots: ``[B, h, T, C]``. Returns (``[B, M, C]`` means, 0 where a
+        weight: ``[B, N, K]`` on the candidates; x_slots: ``[B, G, T, C]``. Returns (``[B, M, C]`` means, 0 where a
         cluster got no weight; ``[B, M, 1]`` summed weights)."""
-        batch, (bands, token_slots), centre_slots = weight.shape[0], self.tokens.shape, self.centres.shape[1]
-        banded = weight.new_zeros(batch, bands * token_slots * centre_slots)
-        banded.scatter_add_(1, self.pairs.reshape(1, -1).expand(batch, -1), weight.reshape(batch, -1))
-        banded = banded.view(batch, bands, token_slots, centre_slots)
+        batch, (tiles, token_slots), centre_slots = weight.shape[0], self.tokens.shape, self.centres.shape[1]
+        tiled = weight.new_zeros(batch, tiles * token_slots * centre_slots)
+        tiled.scatter_add_(1, self.pairs.reshape(1, -1).expand(batch, -1), weight.reshape(batch, -1))
+        tiled = tiled.view(batch, tiles, token_slots, centre_slots)
         clusters = self.centres.reshape(-1)
         sums = x_slots.new_zeros(batch, num_out, x_slots.shape[-1])
-        sums.index_add_(1, clusters, (banded.transpose(-1, -2) @ x_slots).flatten(1, 2))
-        mass = weight.new_zeros(batch, num_out).index_add_(1, clusters, banded.sum(2).flatten(1))[..., None]
+        sums.index_add_(1, clusters, (tiled.transpose(-1, -2) @ x_slots).flatten(1, 2))
+        mass = weight.new_zeros(batch, num_out).index_add_(1, clusters, tiled.sum(2).flatten(1))[..., None]
         return sums / mass.clamp_min(torch.finfo(sums.dtype).tiny), mass
 
 
@@ -134,14 +152,14 @@ class SoftClusterMerge(ClusterMerge):
     cluster, for the record and the merge maps):
         candidates: ``[N, K]`` long, the clusters a token may join (its neighbouring cells; an index
             off the grid is clamped and has affinity 0).
-        bands: the :class:`CellBands` of those candidates.
+        tiles: the :class:`CellTiles` of those candidates.
         affinity: ``[B, N, K]`` soft assignment of each token to its candidates (rows sum to 1).
         recon_index: ``[B, N, k]`` long, the ``k`` clusters each token is rebuilt from.
         recon_weight: ``[B, N, k]`` their weights (rows sum to 1).
     """
 
     candidates: Tensor | None = None
-    bands: CellBands | None = None
+    tiles: CellTiles | None = None
     affinity: Tensor | None = None
     recon_index: Tensor | None = None
     recon_weight: Tensor | None = None
@@ -150,8 +168,8 @@ class SoftClusterMerge(ClusterMerge):
         """``[B, N, C]`` -> (``[B, M, C]`` affinity-weighted means, ``[B, M, 1]`` summed affinity × size)."""
         weight = self.affinity if size is None else self.affinity * size.to(self.affinity.dtype)
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        x_slots = self.bands.token_slots(x.to(acc_dtype))
-        means, sizes = self.bands.weighted_mean(weight.to(acc_dtype), x_slots, self.num_out)
+        x_slots = self.tiles.token_slots(x.to(acc_dtype))
+        means, sizes = self.tiles.weighted_mean(weight.to(acc_dtype), x_slots, self.num_out)
         return means.to(x.dtype), sizes.to(x.dtype if size is None else size.dtype)
 
     def unmerge(self, x: Tensor) -> Tensor:
@@ -209,6 +227,13 @@ def neighbour_cells(grid: tuple[int, int], cells: tuple[int, int], radius: int,
     return index.reshape(height * width, -1), valid.reshape(height * width, -1)
 
 
+@functools.lru_cache(maxsize=8)  # the grids in use; read only
+def _cell_layout(grid: tuple[int, int], cells: tuple[int, int], radius: int,
+                 device: torch.device) -> tuple[Tensor, Tensor, CellTiles]:
+    """:func:`neighbour_cells` and the :class:`CellTiles` of a grid, built once per grid, cluster grid and radius."""
+    return (*neighbour_cells(grid, cells, radius, device), CellTiles.build(grid, cells, radius, device))
+
+
 def local_kmeans(
     tokens: Tensor,
     grid: tuple[int, int],
@@ -219,7 +244,7 @@ def local_kmeans(
     radius: int = 1,
     k: int = 3,
     reconstruct_temperature: float | None = None,
-    restore_in_encoder: bool = True,
+    restore_in_encoder: bool = False,
 ) -> SoftClusterMerge:
     """Expedite's token clustering (and the weights of its token reconstruction).
 
@@ -232,10 +257,12 @@ def local_kmeans(
         k: reconstruction: each token is rebuilt from its ``k`` most similar candidate clusters
             (at most ``K``), weights ``softmax(-||x - c||² / (τ_r·s²))`` of the clustering layer's tokens.
         reconstruct_temperature: τ of the reconstruction softmax (default: ``temperature``).
-        restore_in_encoder: reconstruct at the encoder output (the paper); False: where the decoder unmerges.
+        restore_in_encoder: False (the official Expedite Segmenter code): reconstruct where the model unmerges, so
+            a transformer decoder runs on the clusters and its per-token outputs are reconstructed; True: at the
+            encoder output, before any decoder.
     Returns:
         A :class:`SoftClusterMerge` with ``M`` real clusters per image. Each step computes the token-centre
-        products band by band (:class:`CellBands`: ``[B, h, T, S]``, about ``N·(2·radius + 1)·w`` pairs, where the
+        products tile by tile (:class:`CellTiles`: ``[B, G, T, S]``, about ``N·(2·radius + 1)·(q + 2·radius)`` pairs, where the
         official code's distance matrix holds all ``N·M``); the assignment and the reconstruction keep
         ``[B, N, K]`` and ``[B, N, k]``.
         The official code labels tokens and picks reconstruction clusters among all ``M``; here both
@@ -254,23 +281,22 @@ def local_kmeans(
     num_out = h * w
     x = tokens.float()
     x = (x - x.mean(1, keepdim=True)) / _token_spread(x)  # distances in units of the spread s
-    candidates, valid = neighbour_cells((height, width), (h, w), radius, tokens.device)
-    bands = CellBands.build((height, width), (h, w), radius, tokens.device)
+    candidates, valid, tiles = _cell_layout((height, width), (h, w), radius, tokens.device)
     # pooled channels-last: the token layout itself, and on a CPU ~15x faster than pooling C planes
     centres = F.adaptive_avg_pool2d(x.view(batch, height, width, channels).permute(0, 3, 1, 2), (h, w))
     centres = centres.permute(0, 2, 3, 1).reshape(batch, num_out, channels)  # [B, M, C]
 
     squared_norm = x.pow(2).sum(-1)[..., None]  # [B, N, 1]
-    x_slots = bands.token_slots(x)
+    x_slots = tiles.token_slots(x)
 
     def local_logits(centres: Tensor) -> Tensor:
         """``[B, N, K]`` ``-||x - c||²`` to each candidate centre (-inf off the grid)."""
-        distance = (squared_norm + centres.pow(2).sum(-1)[:, candidates] - 2.0 * bands.dot(x_slots, centres)).clamp_min(0.0)
+        distance = (squared_norm + centres.pow(2).sum(-1)[:, candidates] - 2.0 * tiles.dot(x_slots, centres)).clamp_min(0.0)
         return (-distance).masked_fill(~valid, float("-inf"))
 
     for _ in range(iterations):
         affinity = (local_logits(centres) / temperature).softmax(-1)
-        means, mass = bands.weighted_mean(affinity, x_slots, num_out)
+        means, mass = tiles.weighted_mean(affinity, x_slots, num_out)
         centres = torch.where(mass > 0, means, centres)
     logits = local_logits(centres)
     affinity = (logits / temperature).softmax(-1)
@@ -279,7 +305,7 @@ def local_kmeans(
     top, nearest = logits.topk(min(k, candidates.shape[1]), dim=-1)
     counts = torch.full((batch,), num_out, dtype=torch.long, device=tokens.device)
     return SoftClusterMerge(
-        groups, counts, num_out, restore_in_encoder=restore_in_encoder, candidates=candidates, bands=bands,
+        groups, counts, num_out, restore_in_encoder=restore_in_encoder, candidates=candidates, tiles=tiles,
         affinity=affinity, recon_index=index.gather(2, nearest), recon_weight=(top / recon_tau).softmax(-1),
     )
 

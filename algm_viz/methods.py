@@ -125,7 +125,8 @@ def _clustering_layer(depth: int, layer: int | None, fraction: float) -> int:
 def _expedite(keep: float, depth: int, layer: int | None = None, grid: tuple[int, int] | None = None,
               **options: Any) -> list[MergeStage]:
     """Expedite: local k-means into clusters in block ``layer`` (default: a third of the depth), token
-    reconstruction at the encoder output. ``grid=(h, w)`` fixes the cluster grid (else ``keep`` of
+    reconstruction where the model unmerges (after a transformer decoder, as the official Expedite Segmenter code;
+    ``restore_in_encoder=True``: at the encoder output). ``grid=(h, w)`` fixes the cluster grid (else ``keep`` of
     the tokens); ``options`` go to :func:`~algm_viz.clustering.local_kmeans` (``k``, ``temperature``, ...)."""
     planner = partial(expedite_planner, keep=keep, cells=grid, **options)
     return [ClusterStage(_clustering_layer(depth, layer, EXPEDITE_LAYER), planner=planner, name="expedite")]
@@ -133,8 +134,8 @@ def _expedite(keep: float, depth: int, layer: int | None = None, grid: tuple[int
 
 def _ailurus(keep: float, depth: int, layer: int | None = None, **options: Any) -> list[MergeStage]:
     """AiluRus: density-peaks clustering into ``keep`` of the tokens in block ``layer`` (default: a
-    sixth of the depth), unfolded at the encoder output; ``options`` go to
-    :func:`~algm_viz.clustering.density_peaks_clusters` (``k``, ``spatial_weight``, ...)."""
+    sixth of the depth), unfolded at the encoder output (``restore_in_encoder=False``: where the model unmerges);
+    ``options`` go to :func:`~algm_viz.clustering.density_peaks_clusters` (``k``, ``spatial_weight``, ...)."""
     planner = partial(ailurus_planner, keep=keep, **options)
     return [ClusterStage(_clustering_layer(depth, layer, AILURUS_LAYER), planner=planner, name="ailurus")]
 
@@ -166,13 +167,17 @@ METHODS: dict[str, Method] = {
             "homogeneity). Pass policy= to plug in a trained one.",
         ),
         Method("expedite", "Expedite (hourglass clustering + reconstruction)", "keep", KEEPS, _stages(_expedite),
-               note="Local k-means into an h×w grid of clusters (keep = h·w / patches) in one layer; soft "
-               "token reconstruction before the decoder."),
+               note="Local k-means into an h×w grid of clusters (keep = h·w / patches) in one layer; a transformer "
+               "decoder runs on the clusters and soft token reconstruction rebuilds every patch's output (as the "
+               "official Segmenter code), a dense decoder gets the reconstructed tokens."),
         Method("ailurus", "AiluRus (spatial-aware density clustering)", "keep", AILURUS_KEEPS, _stages(_ailurus),
                note="Density-peaks clustering with a spatial prior in one layer; every patch takes its "
                "cluster's output before the decoder."),
-        Method("ailurus_prop", "AiluRus + proportional attention", "keep", AILURUS_KEEPS, _stages(_ailurus), prop_attn=True,
-               note="AiluRus with ToMe's log-size key bias: a cluster weighs as the patches it holds."),
+        Method("ailurus_prop", "AiluRus + proportional attention", "keep", AILURUS_KEEPS,
+               _stages(partial(_ailurus, restore_in_encoder=False)), prop_attn=True,
+               note="AiluRus with ToMe's log-size key bias: a cluster weighs as the patches it holds. A transformer "
+               "decoder runs on the clusters with that bias, which gives the same output as unfolding before it "
+               "(every patch of a cluster is the same token), for fewer FLOPs."),
     )
 }
 

@@ -11,6 +11,7 @@ import torch
 
 from algm_viz import algm_state, remove_algm
 from algm_viz.clustering import (
+    CellTiles,
     ClusterMerge,
     SoftClusterMerge,
     cluster_grid,
@@ -138,6 +139,25 @@ def test_reconstruction_of_tokens_equal_to_their_centres_is_exact(k):
     assert (merge.groups == neighbour_cells(grid, cells, 0)[0][:, 0]).all()
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 50])
+@pytest.mark.parametrize("grid, cells, radius", [((7, 11), (4, 6), 1), ((9, 5), (3, 5), 2), ((6, 13), (6, 13), 1), ((5, 8), (2, 3), 0)])
+def test_cell_tiles_give_every_candidate_pair_and_the_weighted_means(grid, cells, radius, block):
+    tiles = CellTiles.build(grid, cells, radius, block=block)
+    candidates, valid = neighbour_cells(grid, cells, radius)
+    g = torch.Generator().manual_seed(block)
+    x = torch.randn(2, grid[0] * grid[1], 5, generator=g, dtype=torch.float64)
+    centres = torch.randn(2, cells[0] * cells[1], 5, generator=g, dtype=torch.float64)
+    slots = tiles.token_slots(x)
+    expected = torch.einsum("bnc,bnkc->bnk", x, centres[:, candidates])
+    torch.testing.assert_close(tiles.dot(slots, centres)[:, valid], expected[:, valid])
+    weight = torch.rand(2, *candidates.shape, generator=g, dtype=torch.float64) * valid
+    dense = torch.zeros(2, x.shape[1], centres.shape[1], dtype=torch.float64)
+    dense.scatter_add_(2, candidates.expand(2, -1, -1), weight)
+    means, mass = tiles.weighted_mean(weight, slots, centres.shape[1])
+    torch.testing.assert_close(mass[..., 0], dense.sum(1))
+    torch.testing.assert_close(means, dense.transpose(1, 2) @ x / dense.sum(1)[..., None])
+
+
 def reference_local_kmeans(tokens: torch.Tensor, grid: tuple[int, int], cells: tuple[int, int], radius: int,
                            iterations: int, temperature: float) -> torch.Tensor:
     """One image ``[N, C]`` (float64), written from the definition with Python loops: the final ``[N, M]`` soft
@@ -231,8 +251,8 @@ def test_bad_arguments_are_rejected():
         ClusterStage(1, planner=None)
 
 
-@pytest.mark.parametrize("name", ["expedite", "ailurus"])
-def test_methods_run_in_a_segmenter_reduce_gflops_and_restore_before_the_decoder(name):
+@pytest.mark.parametrize("name, in_encoder", [("expedite", False), ("ailurus", True), ("ailurus_prop", False)])
+def test_methods_run_in_a_segmenter_reduce_gflops_and_restore_where_they_should(name, in_encoder):
     model = tiny_segmenter()
     images = torch.cat([smooth_images(1, 70, 100, seed=2), torch.randn(1, 3, 70, 100)])
     seen = []
@@ -244,24 +264,58 @@ def test_methods_run_in_a_segmenter_reduce_gflops_and_restore_before_the_decoder
         gflops = count_gflops(model, images)
     record = algm_state(model).record
     assert out.shape == (2, 4, 70, 100) and torch.isfinite(out).all()
-    assert record.restored and record.stages[0][:2] == (name, 2)
-    clusters = round(0.3 * 35) if name == "ailurus" else 3 * 4  # Expedite: a 3×4 grid of 5×7 patches
-    assert record.token_counts()[name].tolist() == [clusters] * 2
-    assert seen == [35] * 2  # the decoder sees the full 5×7 grid (the FLOP count ran a second forward)
+    assert record.restored == in_encoder and record.stages[0][1] == 2
+    clusters = 3 * 4 if name == "expedite" else round(0.3 * 35)  # Expedite: a 3×4 grid of 5×7 patches
+    assert record.token_counts()[record.stages[0][0]].tolist() == [clusters] * 2
+    # the decoder sees the full 5×7 grid, or the clusters (the FLOP count ran a second forward)
+    assert seen == [35 if in_encoder else clusters] * 2
     assert gflops < 0.8 * baseline_gflops
     remove_algm(model)
 
 
-@pytest.mark.parametrize("name", ["expedite", "ailurus"])
-def test_restoring_where_the_decoder_unmerges_is_an_option(name):
+@pytest.mark.parametrize("name", ["expedite", "ailurus", "ailurus_prop"])
+def test_where_the_tokens_are_restored_is_an_option(name):
     model = tiny_segmenter()
     seen = []
     model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    default_in_encoder = name == "ailurus"
     with torch.no_grad():
-        apply_method(model, name, 0.5, restore_in_encoder=False)
+        apply_method(model, name, 0.5, restore_in_encoder=not default_in_encoder)
         out = model(smooth_images(1, 64, 96))
     assert out.shape == (1, 4, 64, 96) and torch.isfinite(out).all()
-    assert not algm_state(model).record.restored and seen[0] < 24
+    assert algm_state(model).record.restored != default_in_encoder
+    assert (seen[0] == 24) != default_in_encoder  # 24 patches on the 4×6 grid, fewer clusters
+
+
+def test_proportional_attention_makes_decoding_the_clusters_equal_to_unfolding_before_the_decoder():
+    """A hard cluster unfolded is the same token at every patch it holds: attention over those copies equals
+    attention over the cluster with a log-size key bias, so AiluRus-prop's cheaper placement changes nothing."""
+    model = tiny_segmenter()
+    images = torch.cat([smooth_images(1, 64, 96, seed=3), torch.randn(1, 3, 64, 96)])
+    with torch.no_grad():
+        apply_method(model, "ailurus_prop", 0.4, restore_in_encoder=True)
+        unfolded = model(images)
+        apply_method(model, "ailurus_prop", 0.4)
+        decoded_as_clusters = model(images)
+        assert not algm_state(model).record.restored
+        apply_method(model, "ailurus", 0.4, restore_in_encoder=False)  # without the bias it is another function
+        unbiased = model(images)
+    torch.testing.assert_close(decoded_as_clusters, unfolded, atol=1e-5, rtol=1e-5)
+    assert (unbiased - unfolded).abs().max() > 1e-3
+
+
+def test_expedite_reconstructs_the_decoders_outputs_on_the_clusters():
+    model = tiny_segmenter()
+    image = smooth_images(1, 64, 96, seed=5)
+    with torch.no_grad():
+        apply_method(model, "expedite", 0.4)
+        logits = model.decoder_logits(image)
+        state = algm_state(model)
+        merge = state.record.final
+        encoded = model.encoder.forward_features(image)[:, model.encoder.num_prefix_tokens :]
+        expected = merge.unmerge(model.decoder(encoded, None, grid=(4, 6)))  # [1, 24, K] from the clusters
+    assert encoded.shape[1] == merge.num_out < 24
+    torch.testing.assert_close(logits, expected.transpose(1, 2).reshape(1, -1, 4, 6))
 
 
 def test_keeping_every_token_equals_the_baseline():

@@ -156,7 +156,8 @@ class SoftClusterMerge(ClusterMerge):
         candidates: ``[N, K]`` long, the clusters a token may join (its neighbouring cells; an index
             off the grid is clamped and has affinity 0).
         tiles: the :class:`CellTiles` of those candidates.
-        affinity: ``[B, N, K]`` soft assignment of each token to its candidates (rows sum to 1).
+        affinity: ``[B, N, K]`` soft assignment of each token to its candidates (rows sum to 1): the last k-means
+            step's, so that merging the clustered tokens gives the final centres (the official code's cluster tokens).
         recon_index: ``[B, N, k]`` long, the ``k`` clusters each token is rebuilt from.
         recon_weight: ``[B, N, k]`` their weights (rows sum to 1).
     """
@@ -254,7 +255,10 @@ def local_kmeans(
     Args:
         tokens: ``[B, N, C]`` on ``grid = (H, W)``.
         cells: ``(h, w)`` the cluster grid, ``1 <= h <= H``, ``1 <= w <= W``; ``M = h·w`` clusters.
-        iterations: k-means steps after the adaptive-average-pooling initialisation.
+        iterations: k-means steps after the adaptive-average-pooling initialisation. As in the official code, the
+            cluster tokens are the centres after the last step (``merge`` of the clustered tokens: the weighted means
+            under the last step's assignment), and a token's group and reconstruction clusters are its nearest final
+            centres.
         temperature: τ of the assignment softmax of ``-||x - c||² / (τ·s²)`` (smaller = harder).
         radius: a token may join the clusters of the ``(2·radius + 1)²`` cells around its own cell.
         k: reconstruction: each token is rebuilt from its ``k`` most similar candidate clusters
@@ -297,14 +301,16 @@ def local_kmeans(
         distance = (squared_norm + centres.pow(2).sum(-1)[:, candidates] - 2.0 * tiles.dot(x_slots, centres)).clamp_min(0.0)
         return (-distance).masked_fill(~valid, float("-inf"))
 
-    for _ in range(iterations):
-        affinity = (local_logits(centres) / temperature).softmax(-1)
+    logits = local_logits(centres)
+    affinity = (logits / temperature).softmax(-1)  # the assignment each step's centres are the means of
+    for step in range(iterations):
         means, mass = tiles.weighted_mean(affinity, x_slots, num_out)
         centres = torch.where(mass > 0, means, centres)
-    logits = local_logits(centres)
-    affinity = (logits / temperature).softmax(-1)
+        logits = local_logits(centres)
+        if step < iterations - 1:  # the last step's assignment stays: merging with it gives the final centres
+            affinity = (logits / temperature).softmax(-1)
     index = candidates.expand(batch, -1, -1)
-    groups = index.gather(2, affinity.argmax(-1, keepdim=True))[..., 0]
+    groups = index.gather(2, logits.argmax(-1, keepdim=True))[..., 0]  # the nearest final centre
     top, nearest = logits.topk(min(k, candidates.shape[1]), dim=-1)
     counts = torch.full((batch,), num_out, dtype=torch.long, device=tokens.device)
     return SoftClusterMerge(

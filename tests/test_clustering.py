@@ -159,9 +159,10 @@ def test_cell_tiles_give_every_candidate_pair_and_the_weighted_means(grid, cells
 
 
 def reference_local_kmeans(tokens: torch.Tensor, grid: tuple[int, int], cells: tuple[int, int], radius: int,
-                           iterations: int, temperature: float) -> torch.Tensor:
-    """One image ``[N, C]`` (float64), written from the definition with Python loops: the final ``[N, M]`` soft
-    assignment (0 outside a token's candidate cells)."""
+                           iterations: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image ``[N, C]`` (float64), written from the definition with Python loops, as the official code steps:
+    (the ``[N, M]`` soft assignment of the last step, 0 outside a token's candidate cells; ``[N]`` each token's
+    nearest final centre among its candidates)."""
     (height, width), (h, w) = grid, cells
     x = tokens - tokens.mean(0)
     x = x / x.pow(2).sum(1).mean().sqrt()
@@ -183,7 +184,9 @@ def reference_local_kmeans(tokens: torch.Tensor, grid: tuple[int, int], cells: t
         for m in range(h * w):
             if soft[:, m].sum() > 0:
                 centres[m] = (soft[:, m, None] * x).sum(0) / soft[:, m].sum()
-    return assignment()
+    nearest = torch.tensor([min(candidates, key=lambda m: float((x[n] - centres[m]).pow(2).sum()))
+                            for n, candidates in enumerate(near)])
+    return soft, nearest
 
 
 @pytest.mark.parametrize("grid, cells, radius", [((5, 7), (3, 4), 1), ((6, 4), (2, 3), 2), ((4, 9), (4, 2), 0), ((3, 5), (3, 5), 1)])
@@ -194,9 +197,10 @@ def test_local_kmeans_matches_a_reference(grid, cells, radius):
     for b in range(2):
         dense = torch.zeros(grid[0] * grid[1], cells[0] * cells[1], dtype=torch.float64)
         dense.scatter_add_(1, merge.candidates, merge.affinity[b].double())
-        expected = reference_local_kmeans(tokens[b], grid, cells, radius, iterations=3, temperature=0.5)
+        expected, nearest = reference_local_kmeans(tokens[b], grid, cells, radius, iterations=3, temperature=0.5)
         torch.testing.assert_close(dense, expected, atol=1e-5, rtol=0)
-        # merging takes the affinity-weighted means of the tokens, as the centres do
+        assert (merge.groups[b] == nearest).all()
+        # merging takes the last step's weighted means of the tokens: the final centres
         torch.testing.assert_close(means[b].double(), dense.T @ tokens[b] / dense.sum(0)[:, None], atol=1e-5, rtol=0)
         torch.testing.assert_close(mass[b, :, 0].double(), dense.sum(0), atol=1e-5, rtol=0)
 
